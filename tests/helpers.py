@@ -1,0 +1,66 @@
+"""Shared test fixtures: a tiny dataset and model, and an event recorder."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nntrain.learner import EVENTS, Subscriber
+
+
+BATCH_EVENTS = frozenset(
+    ("before_batch", "after_predict", "after_loss", "after_backward", "after_step", "after_batch", "cleanup_batch")
+)
+
+
+def tiny_data(n: int = 96, n_in: int = 8, n_out: int = 3, seed: int = 0) -> TensorDataset:
+    """A linearly separable-ish classification set made from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    w = torch.randn(n_in, n_out, generator=g)
+    y = (x @ w).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def tiny_dls(n_train: int = 96, n_valid: int = 32, bs: int = 16, shuffle: bool = True, seed: int = 0):
+    """Train/valid loaders over `tiny_data`; shuffling draws from torch's global RNG."""
+    train = DataLoader(tiny_data(n_train, seed=seed), batch_size=bs, shuffle=shuffle)
+    valid = DataLoader(tiny_data(n_valid, seed=seed + 1), batch_size=bs)
+    return SimpleNamespace(train=train, valid=valid)
+
+
+def tiny_model(n_in: int = 8, n_out: int = 3, seed: int = 0) -> nn.Module:
+    """A 2-layer MLP with a fixed init."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, 16), nn.ReLU(), nn.Linear(16, n_out))
+
+
+class Recorder(Subscriber):
+    """Records every event as (event, mode, epoch, iter); mode is 'train' or 'valid'."""
+
+    order = -100
+
+    def __init__(self) -> None:
+        self.trace: list[tuple[str, str, int, int]] = []
+        self.losses: list[torch.Tensor] = []
+
+    def _rec(self, learn, event: str) -> None:
+        mode = "train" if learn.model.training else "valid"
+        it = learn.iter if event in BATCH_EVENTS else -1
+        self.trace.append((event, mode, getattr(learn, "epoch", -1), it))
+
+
+def _make_handler(event: str):
+    def handler(self, learn):
+        self._rec(learn, event)
+        if event == "after_loss" and learn.model.training:
+            self.losses.append(learn.loss.detach().clone())
+    handler.__name__ = event
+    return handler
+
+
+for _event in EVENTS:
+    setattr(Recorder, _event, _make_handler(_event))
