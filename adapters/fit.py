@@ -1,0 +1,112 @@
+"""Entry points: `to_lightning` for your own Trainer, `fit_lightning` behind `learn.fit(engine="lightning")`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from nntrain.adapters.callbacks import SubscriberCallback
+from nntrain.adapters.module import LearnerModule
+from nntrain.learner import Learner, Subscriber
+
+__all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "UNSUPPORTED_TRAINER_OPTIONS"]
+
+UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
+    "accumulate_grad_batches": "the learner steps the optimizer itself (manual optimization); accumulate "
+    "by overriding Learner.step/zero_grad to act every N batches",
+    "gradient_clip_val": "Lightning cannot clip under manual optimization; clip in a subscriber's "
+    "after_backward (torch.nn.utils.clip_grad_norm_(learn.model.parameters(), ...))",
+    "gradient_clip_algorithm": "see gradient_clip_val",
+    "max_epochs": "pass the number of epochs as fit(epochs, ...)",
+}
+
+
+def _bridgeable(subs: Sequence[Subscriber]) -> tuple[list[Subscriber], torch.device | None]:
+    """The subscribers that run under Lightning, and the device a DeviceS asked for.
+
+    Raises:
+        ValueError: a subscriber that cannot run under Lightning.
+    """
+    kept, device = [], None
+    for sub in subs:
+        if "lightning" in sub.engines:
+            kept.append(sub)
+        elif hasattr(sub, "device") and type(sub).__name__ == "DeviceS":
+            device = sub.device  # Lightning places model and batches itself
+        else:
+            raise ValueError(
+                f"{type(sub).__name__} supports the engines {sub.engines} only; remove it from the "
+                f"learner's subs or fit with engine='native'"
+            )
+    return kept, device
+
+
+def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = True
+                 ) -> tuple[LearnerModule, list[SubscriberCallback]]:
+    """A LightningModule for `learn` and one Callback per subscriber (the learner's plus `subs`),
+    sorted by `order`, for a Trainer you build yourself.
+
+    Add your own Lightning callbacks next to them; set `num_sanity_val_steps=0` to keep the
+    random number stream the same as a native run.
+    """
+    if not isinstance(learn.model, nn.Module):
+        raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
+    kept, _ = _bridgeable([*learn.subs, *subs])
+    callbacks = [SubscriberCallback(sub, i) for i, sub in enumerate(sorted(kept, key=lambda s: s.order))]
+    return LearnerModule(learn, train=train), callbacks
+
+
+def trainer_defaults(learn: Learner, device: torch.device | None = None) -> dict[str, Any]:
+    """Trainer options that make a Lightning run match a native one: no logger, checkpoints,
+    progress bar, summary or sanity validation, on the model's device."""
+    if device is None:
+        param = next(learn.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
+    devices: Any = [device.index or 0] if device.type == "cuda" else 1
+    return dict(
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool = True,
+                  subs: Sequence[Subscriber] = (), lr: float | None = None, **trainer_kwargs: Any) -> L.Trainer:
+    """Fit `learn` with a `lightning.Trainer`; `trainer_kwargs` override `trainer_defaults`.
+
+    Returns:
+        The Trainer, for its `callback_metrics`, `logger` and checkpoint paths.
+
+    Raises:
+        ValueError: a Trainer option the bridge cannot honour, or a native-only subscriber.
+    """
+    for option, why in UNSUPPORTED_TRAINER_OPTIONS.items():
+        if option in trainer_kwargs and not (option == "accumulate_grad_batches" and trainer_kwargs[option] == 1):
+            raise ValueError(f"Trainer option {option}={trainer_kwargs[option]!r} is not supported by the "
+                             f"nntrain bridge: {why}")
+    if not isinstance(learn.model, nn.Module):
+        raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
+    _, device = _bridgeable([*learn.subs, *subs])
+    learn.add_subs(subs)
+    try:
+        learn.prepare_fit(epochs, lr)
+        module, callbacks = to_lightning(learn, subs=(), train=train)
+        options = trainer_defaults(learn, device)
+        if not valid:
+            options["limit_val_batches"] = 0
+        user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        options.update(trainer_kwargs)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[*callbacks, *user_callbacks], **options)
+        trainer.fit(module)
+        return trainer
+    finally:
+        learn.remove_subs(subs)

@@ -1,0 +1,230 @@
+"""`LearnerModule`: a LightningModule whose steps are a Learner's own `run_step`.
+
+Lightning drives the loop; the learner's `predict`, `get_loss`, `backward`, `step` and
+`zero_grad` (and any subclass override of them) do the work, with `backward` going through
+`manual_backward` and `step` through Lightning's optimizer wrapper, so precision plugins and
+strategies (DDP) apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from nntrain.learner import (
+    CancelBatchException,
+    CancelEpochException,
+    CancelException,
+    CancelFitException,
+    Learner,
+    NativeEngine,
+    event_handlers,
+    get_lr,
+    set_lr,
+)
+
+__all__ = ["Flow", "LearnerModule", "LightningEngine", "ForeignOptimizer"]
+
+
+class Flow:
+    """Cancellation state shared by the module and the subscriber callbacks of one fit.
+
+    Scopes are identified by keys: an epoch by `(epoch, mode)`, a batch by `(epoch key,
+    batch_idx)`. A cancel marks its scope; events of a marked scope (and of scopes inside it)
+    no longer fire, but the cleanups of scopes that were opened do.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new fit."""
+        self.fit_cancelled = False
+        self.cancelled_epoch: tuple | None = None
+        self.cancelled_batch: tuple | None = None
+        self.current_batch: tuple | None = None  # key of the batch whose state is in the learner
+        self.last_mode: str | None = None  # mode of the last epoch started ("train"/"valid")
+
+    def cancel(self, exc: CancelException, epoch_key: tuple | None, batch_key: tuple | None) -> None:
+        """Record `exc` raised inside the given epoch and batch."""
+        if isinstance(exc, CancelFitException):
+            self.fit_cancelled = True
+        elif isinstance(exc, CancelEpochException):
+            self.cancelled_epoch = epoch_key
+        elif isinstance(exc, CancelBatchException):
+            self.cancelled_batch = batch_key
+
+    def epoch_live(self, epoch_key: tuple) -> bool:
+        """Whether events of this epoch still fire."""
+        return not self.fit_cancelled and self.cancelled_epoch != epoch_key
+
+    def batch_live(self, epoch_key: tuple, batch_key: tuple) -> bool:
+        """Whether events of this batch still fire."""
+        return self.epoch_live(epoch_key) and self.cancelled_batch != batch_key
+
+
+class LightningEngine:
+    """The engine a learner uses under Lightning: backward through `manual_backward`."""
+
+    name = "lightning"
+
+    def __init__(self, module: L.LightningModule) -> None:
+        self.module = module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate through Lightning (precision scaling, strategy hooks)."""
+        self.module.manual_backward(loss)
+
+
+class ForeignOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` around a hand-written optimizer (an object with `step`,
+    `zero_grad` and `lr`), so Lightning, which requires a torch optimizer, can drive it.
+
+    The learning rate in `param_groups` is the source of truth; it is copied to the inner
+    optimizer before each step, so LR changes made through `param_groups` take effect.
+    """
+
+    def __init__(self, inner: Any, params: Any) -> None:
+        super().__init__(list(params), {"lr": get_lr(inner)})
+        self.inner = inner
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102 - documented on the class
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        set_lr(self.inner, self.param_groups[0]["lr"])
+        self.inner.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
+        self.inner.zero_grad()
+
+
+class LearnerModule(L.LightningModule):
+    """Runs `learn` under a `lightning.Trainer`; pair it with `subscriber_callbacks(learn)`.
+
+    `learn.model` becomes this module's `model` submodule (the same object), so weights trained
+    here are the learner's. Optimization is manual: Lightning calls `training_step`, which runs
+    `learn.run_step()`.
+    """
+
+    def __init__(self, learn: Learner, train: bool = True) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.learn = learn
+        self.model = learn.model
+        self.train_enabled = train
+        self.flow = Flow()
+        self._plain_opt: Any = None
+
+    # ----- set-up and tear-down ---------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Before any callback's `on_fit_start`: make the learner's state and dispatch current."""
+        if stage != "fit":
+            return
+        learn = self.learn
+        self.flow.reset()
+        learn.engine = LightningEngine(self)
+        learn.n_epochs = self.trainer.max_epochs
+        learn.epochs = range(learn.n_epochs)
+        # The in-step events go to exactly the subscribers bridged into this Trainer.
+        from nntrain.adapters.callbacks import SubscriberCallback
+
+        subs = [cb.sub for cb in self.trainer.callbacks if isinstance(cb, SubscriberCallback)]
+        learn._handlers = event_handlers(subs)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The learner's optimizer (made now if the learner has none yet)."""
+        learn = self.learn
+        if learn.opt is None:
+            learn.create_opt()
+        opt = learn.opt
+        if not isinstance(opt, torch.optim.Optimizer):
+            opt = ForeignOptimizer(opt, getattr(opt, "params", learn.model.parameters()))
+        self._plain_opt = learn.opt
+        return opt
+
+    def on_train_start(self) -> None:
+        """Subscribers see Lightning's optimizer wrapper as `learn.opt` during the fit."""
+        self.learn.opt = self.optimizers()
+
+    def teardown(self, stage: str) -> None:
+        """Give the learner back its own optimizer, engine and dispatch."""
+        if stage != "fit":
+            return
+        learn = self.learn
+        if self._plain_opt is not None:
+            learn.opt = self._plain_opt
+        learn.engine = NativeEngine()
+        learn._handlers = event_handlers(learn.subs)
+
+    def train_dataloader(self) -> Any:
+        """The learner's training loader."""
+        return self.learn.dls.train
+
+    def val_dataloader(self) -> Any:
+        """The learner's validation loader."""
+        return self.learn.dls.valid
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward."""
+        return self.model(*args, **kwargs)
+
+    def on_train_epoch_start(self) -> None:
+        """Remember the mode, to leave the model as a native fit would."""
+        if self.train_enabled:
+            self.flow.last_mode = "train"
+
+    def on_validation_epoch_start(self) -> None:
+        """Remember the mode, to leave the model as a native fit would."""
+        if not self.trainer.sanity_checking:
+            self.flow.last_mode = "valid"
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep gradients across validation: the learner owns them (MomentumLearner keeps mom * grad)."""
+
+    def on_fit_end(self) -> None:
+        """Leave the model in the mode of the last epoch, as a native fit does."""
+        self.restore_mode()
+
+    def restore_mode(self) -> None:
+        """Put the model in the mode of the last epoch run (Lightning switches back to train)."""
+        if self.flow.last_mode is not None:
+            self.model.train(self.flow.last_mode == "train")
+
+    # ----- steps ------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Returning -1 ends the training epoch early: used for CancelEpoch/CancelFit and train=False."""
+        if not self.train_enabled or not self.flow.epoch_live((self.current_epoch, "train")):
+            return -1
+        return None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Run the learner's step (predict, loss, backward, step, zero_grad) with its events."""
+        self._step((self.current_epoch, "train"), batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Run the learner's step in eval mode (predict, loss) with its events."""
+        if self.trainer.sanity_checking:
+            return
+        self._step((self.current_epoch, "valid"), batch, batch_idx)
+
+    def _step(self, epoch_key: tuple, batch: Any, batch_idx: int) -> None:
+        batch_key = (epoch_key, batch_idx)
+        if not self.flow.batch_live(epoch_key, batch_key):
+            return
+        if self.flow.current_batch != batch_key:  # no callback set it (and before_batch could not change it)
+            self.flow.current_batch = batch_key
+            self.learn.batch, self.learn.iter = batch, batch_idx
+        try:
+            self.learn.run_step()
+        except CancelException as exc:
+            self.flow.cancel(exc, epoch_key, batch_key)
+            if isinstance(exc, CancelFitException):
+                self.trainer.should_stop = True
