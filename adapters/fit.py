@@ -103,6 +103,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         options = trainer_defaults(learn, device)
         if not valid:
             options["limit_val_batches"] = 0
+        if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none
+            options["limit_train_batches"] = 1
         user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         options.update(trainer_kwargs)
         trainer = L.Trainer(max_epochs=epochs, callbacks=[*callbacks, *user_callbacks], **options)

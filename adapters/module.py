@@ -177,12 +177,12 @@ class LearnerModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Remember the mode, to leave the model as a native fit would."""
-        if self.train_enabled:
+        if self.train_enabled and not self.flow.fit_cancelled:
             self.flow.last_mode = "train"
 
     def on_validation_epoch_start(self) -> None:
         """Remember the mode, to leave the model as a native fit would."""
-        if not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking and not self.flow.fit_cancelled:
             self.flow.last_mode = "valid"
 
     def on_validation_model_zero_grad(self) -> None:
@@ -199,14 +199,10 @@ class LearnerModule(L.LightningModule):
 
     # ----- steps ------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        """Returning -1 ends the training epoch early: used for CancelEpoch/CancelFit and train=False."""
-        if not self.train_enabled or not self.flow.epoch_live((self.current_epoch, "train")):
-            return -1
-        return None
-
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """Run the learner's step (predict, loss, backward, step, zero_grad) with its events."""
+        if not self.train_enabled:
+            return
         self._step((self.current_epoch, "train"), batch, batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
