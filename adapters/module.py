@@ -150,7 +150,9 @@ class LearnerModule(L.LightningModule):
         return opt
 
     def on_train_start(self) -> None:
-        """Subscribers see Lightning's optimizer wrapper as `learn.opt` during the fit."""
+        """Train mode, as the native loop sets it (Lightning keeps the modes it finds), and
+        Lightning's optimizer wrapper as `learn.opt` for the subscribers."""
+        self.model.train()
         self.learn.opt = self.optimizers()
 
     def teardown(self, stage: str) -> None:

@@ -1,0 +1,117 @@
+"""Native and Lightning fits give bitwise-equal losses and weights; the bridge rejects what it cannot do."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nntrain.adapters import HOOK_TABLE, LearnerModule, SubscriberCallback, to_lightning
+from nntrain.learner import Learner, MomentumLearner, Subscriber
+from tests.helpers import Recorder, tiny_dls, tiny_model
+
+
+def bn_dropout_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def run(engine: str, cls=Learner, make_model=tiny_model, optim=torch.optim.SGD, **kw):
+    model = make_model()
+    rec = Recorder()
+    learn = cls(model, tiny_dls(), F.cross_entropy, optim, lr=0.1, subs=[rec], **kw)
+    torch.manual_seed(123)  # data order and dropout draw from the global generator
+    learn.fit(3, engine=engine)
+    return learn, rec
+
+
+CASES = {
+    "sgd": dict(),
+    "momentum_learner": dict(cls=MomentumLearner, mom=0.85),
+    "batchnorm_dropout": dict(make_model=bn_dropout_model),
+    "adam": dict(optim=torch.optim.Adam),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_losses_weights_and_trace_are_bitwise_equal(case):
+    native, rec_n = run("native", **CASES[case])
+    light, rec_l = run("lightning", **CASES[case])
+    assert len(rec_n.losses) == 3 * 6
+    assert torch.equal(torch.stack(rec_n.losses), torch.stack(rec_l.losses))
+    for (name, a), (_, b) in zip(native.model.state_dict().items(), light.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert rec_n.trace == rec_l.trace
+    assert native.global_step == light.global_step == 18
+
+
+def test_model_and_optimizer_are_the_learners_after_a_lightning_fit():
+    model = tiny_model()
+    learn = Learner(model, tiny_dls(), F.cross_entropy, torch.optim.Adam, lr=1e-2)
+    learn.fit(1, engine="lightning")
+    opt = learn.opt
+    assert learn.model is model and type(opt) is torch.optim.Adam and len(opt.state) == len(list(model.parameters()))
+    learn.fit(1)  # a native fit continues with the same optimizer and its state
+    assert learn.opt is opt and next(iter(opt.state.values()))["step"] == 12
+
+
+def test_native_then_lightning_continues_like_two_native_fits():
+    def two_fits(second):
+        learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, torch.optim.Adam, lr=1e-2)
+        torch.manual_seed(5)
+        learn.fit(1)
+        learn.fit(1, engine=second)
+        return learn.model.state_dict()
+    a, b = two_fits("native"), two_fits("lightning")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_own_trainer_with_bridged_callbacks():
+    rec = Recorder()
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=0.1, subs=[rec])
+    module, callbacks = to_lightning(learn)
+    assert isinstance(module, LearnerModule) and [type(c) for c in callbacks] == [SubscriberCallback]
+    torch.manual_seed(123)
+    trainer = L.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(module)
+    native, rec_n = run("native")
+    assert rec.trace == rec_n.trace
+    assert all(torch.equal(a, b) for a, b in zip(learn.model.parameters(), native.model.parameters()))
+
+
+def test_hook_table_names_real_hooks():
+    for hook, _ in HOOK_TABLE:
+        name = hook.split("(")[0]
+        assert hasattr(SubscriberCallback, name) or hasattr(LearnerModule, name), hook
+
+
+@pytest.mark.parametrize("option", ["accumulate_grad_batches", "gradient_clip_val", "max_epochs"])
+def test_unsupported_trainer_options_fail_before_training(option):
+    rec = Recorder()
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, subs=[rec])
+    with pytest.raises(ValueError, match=option):
+        learn.fit(1, engine="lightning", **{option: 2})
+    assert rec.trace == []
+
+
+class NativeOnly(Subscriber):
+    engines = ("native",)
+
+    def before_fit(self, learn):
+        pass
+
+
+def test_native_only_subscriber_is_rejected_before_training():
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, subs=[NativeOnly()])
+    with pytest.raises(ValueError, match="NativeOnly.*engine='native'"):
+        learn.fit(1, engine="lightning")
+
+
+def test_model_that_is_not_a_module_is_rejected():
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy)
+    learn.model = lambda x: x
+    with pytest.raises(TypeError, match="nn.Module"):
+        learn.fit(1, engine="lightning")
