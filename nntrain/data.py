@@ -1,0 +1,299 @@
+"""Data: `DataLoaders` built from a Hugging Face `DatasetDict` of images, and the embedded digits set.
+
+`DataLoaders.from_hf_dd` decodes the image column once into one float32 tensor and serves
+batches by tensor indexing (`TensorPairDataset`), so a batch costs one index operation instead
+of one PIL conversion per sample. `hf_ds_collate_fn` is the per-sample path, kept as the
+reference (both paths give equal tensors) and for datasets that need per-item transforms.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DataLoaders",
+    "TensorPairDataset",
+    "pre_batched_collate",
+    "hf_ds_collate_fn",
+    "digits_dataset_dict",
+    "load_dataset_dict",
+]
+
+VALID_SPLIT_NAMES: tuple[str, ...] = ("valid", "validation", "test")
+"""Split names tried, in order, for the validation loader when `valid_split` is not given."""
+
+LABEL_COLUMN_NAMES: tuple[str, ...] = ("label", "labels")
+"""Column names taken as the label column when no single column is a `ClassLabel`."""
+
+
+class TensorPairDataset(Dataset):
+    """Inputs `x` and targets `y` held as two tensors; `__getitems__` serves a whole batch at once."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y must have the same length, got {len(x)} inputs and {len(y)} targets")
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at `indices` as `(x[indices], y[indices])`: called by DataLoader's fetcher."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+
+def pre_batched_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `batch` unchanged: `TensorPairDataset.__getitems__` already built it."""
+    return batch
+
+
+def _image_array(img: Image.Image) -> np.ndarray:
+    """`img` as a uint8 array of shape (H, W, C)."""
+    arr = np.array(img)  # a writable copy: torch warns on read-only arrays
+    if arr.dtype != np.uint8:
+        raise ValueError(
+            f"image mode {img.mode!r} decodes to {arr.dtype}, not uint8; convert the images to 'L' or "
+            f"'RGB' first (e.g. dd.cast_column(col, datasets.Image(mode='L')))"
+        )
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _image_to_tensor(img: Image.Image, flatten: bool) -> torch.Tensor:
+    """One image as float32 in [0, 1], shape (C, H, W), or (C*H*W,) when `flatten`."""
+    t = torch.from_numpy(_image_array(img)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return t.reshape(-1) if flatten else t
+
+
+def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True) -> tuple[torch.Tensor, ...]:
+    """Collate dataset rows one value at a time: PIL images to float tensors, other values via `torch.tensor`.
+
+    The slow per-item path; `DataLoaders.from_hf_dd(collate="per_item")` uses it.
+
+    Args:
+        batch: rows (dicts) of a Hugging Face dataset, images decoded to PIL.
+        flatten: images become (C*H*W,) vectors instead of (C, H, W).
+
+    Returns:
+        One stacked tensor per column, in the rows' column order.
+    """
+    def to_tensor(value: Any) -> torch.Tensor:
+        return _image_to_tensor(value, flatten) if isinstance(value, Image.Image) else torch.tensor(value)
+
+    columns = zip(*(row.values() for row in batch))
+    return tuple(torch.stack([to_tensor(v) for v in col]) for col in columns)
+
+
+def _decode_image_column(ds: datasets.Dataset, col: str) -> np.ndarray:
+    """Decode image column `col` of `ds` into one uint8 array of shape (N, H, W, C)."""
+    mode = ds.features[col].mode
+    # Reading the Arrow table skips datasets' per-row formatting; `[:]` applies any index mapping.
+    cells = ds.with_format("arrow")[:].column(col).to_pylist()
+    arrays = []
+    for cell in cells:
+        img = Image.open(io.BytesIO(cell["bytes"])) if cell["bytes"] is not None else Image.open(cell["path"])
+        if mode is not None and img.mode != mode:
+            img = img.convert(mode)
+        arrays.append(_image_array(img))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images in column '{col}' have different shapes {sorted(shapes)[:4]}; resize them to one "
+            f"size first (e.g. with dd.map and PIL's Image.resize)"
+        )
+    return np.stack(arrays)
+
+
+def _to_tensors(ds: datasets.Dataset, x_col: str, y_col: str, flatten: bool) -> TensorPairDataset:
+    """The whole split as a `TensorPairDataset`: images float32 in [0, 1], labels int64."""
+    images = torch.from_numpy(_decode_image_column(ds, x_col)).permute(0, 3, 1, 2).contiguous()
+    x = images.to(torch.float32).div_(255)
+    if flatten:
+        x = x.reshape(len(x), -1)
+    labels = ds.with_format("arrow")[:].column(y_col).to_numpy().astype(np.int64)  # astype copies: writable
+    return TensorPairDataset(x, torch.from_numpy(labels))
+
+
+def _find_splits(dd: datasets.DatasetDict, valid_split: str | None) -> tuple[str, str]:
+    """The names of the train and valid splits of `dd`."""
+    available = ", ".join(repr(s) for s in dd) or "none"
+    if "train" not in dd:
+        raise ValueError(f"the DatasetDict has no 'train' split (available: {available}); rename one to 'train'")
+    if valid_split is not None:
+        if valid_split not in dd:
+            raise ValueError(f"valid_split {valid_split!r} is not a split of the DatasetDict (available: {available})")
+        return "train", valid_split
+    for name in VALID_SPLIT_NAMES:
+        if name in dd:
+            return "train", name
+    raise ValueError(
+        f"the DatasetDict has no validation split named {' / '.join(VALID_SPLIT_NAMES)} (available: "
+        f"{available}); pass valid_split=<name>"
+    )
+
+
+def _find_columns(features: datasets.Features, x_col: str | None, y_col: str | None) -> tuple[str, str]:
+    """The image and label column names: the given ones, checked, or detected from `features`."""
+    columns = ", ".join(repr(c) for c in features)
+    if x_col is None:
+        images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+        if len(images) != 1:
+            found = "no column" if not images else f"several columns ({', '.join(images)})"
+            raise ValueError(f"{found} with a datasets.Image feature (columns: {columns}); pass x_col=<name>")
+        x_col = images[0]
+    if y_col is None:
+        labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        if len(labels) != 1:
+            labels = [c for c in LABEL_COLUMN_NAMES if c in features]
+        if not labels:
+            raise ValueError(
+                f"cannot tell the label column: not exactly one ClassLabel column and none named "
+                f"'label'/'labels' (columns: {columns}); pass y_col=<name>"
+            )
+        y_col = labels[0]
+    for role, col in (("x_col", x_col), ("y_col", y_col)):
+        if col not in features:
+            raise ValueError(f"{role}={col!r} is not a column of the dataset (columns: {columns})")
+    if not isinstance(features[x_col], datasets.Image):
+        raise ValueError(f"x_col={x_col!r} holds {type(features[x_col]).__name__}, not datasets.Image")
+    return x_col, y_col
+
+
+class DataLoaders:
+    """A training loader and a validation loader, as `.train` and `.valid`."""
+
+    def __init__(self, train: DataLoader, valid: DataLoader) -> None:
+        self.train = train
+        self.valid = valid
+
+    def __repr__(self) -> str:
+        return f"DataLoaders(train={len(self.train.dataset)} samples, valid={len(self.valid.dataset)} samples)"
+
+    @classmethod
+    def from_hf_dd(
+        cls,
+        dd: datasets.DatasetDict,
+        batch_size: int,
+        *,
+        x_col: str | None = None,
+        y_col: str | None = None,
+        flatten: bool = True,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        valid_split: str | None = None,
+        generator: torch.Generator | None = None,
+        collate: Literal["batched", "per_item"] = "batched",
+    ) -> DataLoaders:
+        """Loaders over the image and label columns of `dd`'s train and valid splits.
+
+        Args:
+            dd: a `DatasetDict` with a "train" split and a "valid"/"validation"/"test" split.
+            batch_size: samples per batch (both loaders).
+            x_col: the image column; default: the one column with a `datasets.Image` feature.
+            y_col: the label column; default: the one `ClassLabel` column, else "label"/"labels".
+            flatten: images become (C*H*W,) vectors instead of (C, H, W).
+            shuffle: shuffle the train loader each epoch (`RandomSampler`: `torch.manual_seed`
+                or `generator` sets the order); the valid loader never shuffles.
+            num_workers: worker processes per loader.
+            drop_last: drop the last incomplete train batch (the valid loader keeps it).
+            valid_split: the split for the valid loader, instead of detecting it.
+            generator: random generator for the train sampler.
+            collate: "batched" decodes each split once into tensors and indexes whole batches;
+                "per_item" collates decoded rows with `hf_ds_collate_fn` (slow; the reference).
+
+        Raises:
+            ValueError: bad `batch_size` or `collate`, a split or a column missing.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if collate not in ("batched", "per_item"):
+            raise ValueError(f"collate must be 'batched' or 'per_item', got {collate!r}")
+        train_name, valid_name = _find_splits(dd, valid_split)
+        x_col, y_col = _find_columns(dd[train_name].features, x_col, y_col)
+        for col in (x_col, y_col):
+            if col not in dd[valid_name].features:
+                raise ValueError(f"column {col!r} is in the train split but not in split {valid_name!r}")
+        if collate == "batched":
+            train_ds = _to_tensors(dd[train_name], x_col, y_col, flatten)
+            valid_ds = _to_tensors(dd[valid_name], x_col, y_col, flatten)
+            collate_fn = pre_batched_collate
+        else:
+            # select_columns also orders the columns, so each row yields (image, label).
+            train_ds = dd[train_name].select_columns([x_col, y_col])
+            valid_ds = dd[valid_name].select_columns([x_col, y_col])
+            collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
+        train = DataLoader(train_ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                           drop_last=drop_last, collate_fn=collate_fn, generator=generator)
+        valid = DataLoader(valid_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                           collate_fn=collate_fn)
+        return cls(train, valid)
+
+
+def digits_dataset_dict(valid_fraction: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """scikit-learn's 1797 8x8 handwritten digits as a `DatasetDict` of grayscale PIL images.
+
+    Each class is split on its own (a permutation drawn from `seed`), so both splits hold
+    every digit in about the same proportion.
+
+    Args:
+        valid_fraction: share of each class that goes to the "validation" split.
+        seed: seed of the split's permutation.
+
+    Returns:
+        Splits "train" and "validation" with features image (`datasets.Image`, mode "L",
+        values 0..255) and label (`ClassLabel` "0".."9").
+    """
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be between 0 and 1 (exclusive), got {valid_fraction!r}")
+    from sklearn.datasets import load_digits  # 1 s import, needed only here
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    valid_idx = []
+    for digit in range(10):
+        members = rng.permutation(np.flatnonzero(labels == digit))
+        valid_idx.append(members[: round(valid_fraction * len(members))])
+    is_valid = np.zeros(len(labels), dtype=bool)
+    is_valid[np.concatenate(valid_idx)] = True
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+
+    def split(mask: np.ndarray) -> datasets.Dataset:
+        images = [Image.fromarray(p) for p in pixels[mask]]  # 2-D uint8 arrays make "L" images
+        return datasets.Dataset.from_dict({"image": images, "label": labels[mask].tolist()}, features=features)
+
+    return datasets.DatasetDict({"train": split(~is_valid), "validation": split(is_valid)})
+
+
+def load_dataset_dict(name: str) -> datasets.DatasetDict:
+    """The `DatasetDict` called `name`: "digits" is the embedded set, any other name comes from the hub.
+
+    Raises:
+        RuntimeError: the hub could not be reached or has no such dataset.
+    """
+    if name == "digits":
+        return digits_dataset_dict()
+    try:
+        return datasets.load_dataset(name)
+    except OSError as exc:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), timeouts
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RuntimeError(
+            f"could not load dataset {name!r} from the hub: {reason}; use --dataset digits for the embedded data"
+        ) from exc
