@@ -290,7 +290,7 @@ class Learner:
         lr: float | None = None,
         engine: str = "native",
         **trainer_kwargs: Any,
-    ) -> None:
+    ) -> Any:
         """Train for `epochs` epochs, each a training pass then a validation pass.
 
         Args:
@@ -301,12 +301,14 @@ class Learner:
             lr: learning rate for this fit (kept for later fits).
             engine: "native" (this loop) or "lightning" (a `lightning.Trainer`, see
                 `nntrain.adapters`); `trainer_kwargs` go to the Trainer.
+
+        Returns:
+            None natively; the `lightning.Trainer` on the Lightning engine.
         """
         if engine == "lightning":
             from nntrain.adapters import fit_lightning  # Lightning is imported only there
 
-            fit_lightning(self, epochs, train=train, valid=valid, subs=subs, lr=lr, **trainer_kwargs)
-            return
+            return fit_lightning(self, epochs, train=train, valid=valid, subs=subs, lr=lr, **trainer_kwargs)
         if engine != "native":
             raise ValueError(f"engine must be 'native' or 'lightning', got {engine!r}")
         if trainer_kwargs:
@@ -317,6 +319,7 @@ class Learner:
             self._run_scope("fit", self._fit_body, CancelFitException, train, valid)
         finally:
             self.remove_subs(subs)
+        return None
 
     def _run_scope(self, name: str, body: Callable[..., None], cancel: type[CancelException], *args: Any) -> None:
         try:

@@ -115,3 +115,57 @@ def test_model_that_is_not_a_module_is_rejected():
     learn.model = lambda x: x
     with pytest.raises(TypeError, match="nn.Module"):
         learn.fit(1, engine="lightning")
+
+
+def metrics_run(engine):
+    from torcheval.metrics import MulticlassAccuracy
+    from torchmetrics.classification import MulticlassAccuracy as TMAccuracy
+
+    from nntrain.subscribers.metrics import MetricsS, batch_accuracy
+
+    metrics = MetricsS(acc_torcheval=MulticlassAccuracy(), acc_torchmetrics=TMAccuracy(num_classes=3, average="micro"),
+                       acc_fn=batch_accuracy, flush_every=2)
+    learn = Learner(bn_dropout_model(), tiny_dls(), F.cross_entropy, lr=0.1, subs=[metrics])
+    torch.manual_seed(123)
+    trainer = learn.fit(2, engine=engine)
+    return metrics.history, trainer
+
+
+def test_metrics_values_are_equal_and_logged_under_stable_names():
+    native, _ = metrics_run("native")
+    light, trainer = metrics_run("lightning")
+    assert [(r["epoch"], r["mode"]) for r in native] == [(0, "train"), (0, "valid"), (1, "train"), (1, "valid")]
+    assert native == light
+    logged = trainer.callback_metrics
+    for mode in ("train", "valid"):
+        for name in ("loss", "acc_torcheval", "acc_torchmetrics", "acc_fn"):
+            assert logged[f"{mode}/{name}"].item() == pytest.approx(light[-1 if mode == "valid" else -2][name])
+
+
+def test_lightning_early_stopping_monitors_bridged_metrics():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from nntrain.subscribers.metrics import MetricsS
+
+    metrics = MetricsS()
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=0.0, subs=[metrics])  # lr 0: loss never improves
+    learn.fit(10, engine="lightning", callbacks=[EarlyStopping("valid/loss", patience=1, min_delta=1e-3)])
+    assert len(metrics.rows("valid")) == 2  # epoch 0 sets the best, epoch 1 fails to improve: stop
+
+
+def lr_find_run(engine):
+    torch.manual_seed(7)
+    learn = Learner(bn_dropout_model(), tiny_dls(n_train=512), F.cross_entropy, lr=0.1)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    finder = learn.lr_find(start_lr=1e-4, mult=1.5, engine=engine)
+    after = learn.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # model restored
+    return finder
+
+
+def test_lr_finder_records_and_suggests_the_same_on_both_engines():
+    native, light = lr_find_run("native"), lr_find_run("lightning")
+    assert len(native.lrs) > 5
+    assert native.lrs == light.lrs and native.losses == light.losses
+    assert native.suggestion() == light.suggestion()
+    assert native.suggestion("steepest") == light.suggestion("steepest")
