@@ -1,0 +1,260 @@
+"""The LR finder: suggestion functions, the `LRFindS` subscriber and `lr_find`'s restore."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+import nntrain.subscribers.lr_find as lr_find_module
+from nntrain.learner import Learner, MomentumLearner
+from nntrain.subscribers.lr_find import LRFindS, _mean_over_ranks, smooth, steepest, suggestion, valley
+from tests.helpers import Recorder, tiny_dls, tiny_model
+
+
+class BasicOptim:
+    """A hand-written SGD with only `lr`, `step` and `zero_grad`, like the seed's."""
+
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                p -= p.grad * self.lr
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def make_learner(optim_class=torch.optim.SGD, lr=0.1, cls=Learner, **kwargs):
+    torch.manual_seed(0)
+    return cls(tiny_model(), tiny_dls(shuffle=False), F.cross_entropy, optim_class, lr, **kwargs)
+
+
+# ----- the algorithm ---------------------------------------------------------------------------
+
+LRS = [10.0 ** (k - 6) for k in range(10)]
+CURVE = [5.0, 4.0, 4.5, 3.0, 2.0, 2.2, 1.5, 1.0, 3.0, 9.0]
+
+
+def test_smooth_is_a_debiased_ema():
+    assert smooth([1.0, 2.0], beta=0.5) == pytest.approx([1.0, 1.25 / 0.75])
+    assert smooth(CURVE, beta=0.0) == CURVE
+    assert smooth([2.0] * 5) == pytest.approx([2.0] * 5)  # debiasing: a constant stays put
+
+
+def test_valley_matches_fastai_on_a_handmade_curve():
+    # Longest decreasing subsequence: 5, 4, 3, 2, 1.5, 1 (length 6) ending at index 7; fastai
+    # takes its start as 7 - 6 = 1 and picks 1 + int(6 / 3) + int(6 / 6) = 4.
+    assert valley(LRS, CURVE) == 4
+
+
+def test_valley_clamps_where_fastai_would_wrap():
+    # Decreasing from the first point: fastai's start is -1; with run 2 it would pick index -1.
+    assert valley([1e-3, 1e-2], [2.0, 1.0]) == 0
+    assert valley([1e-3, 1e-2, 1e-1, 1.0], [4.0, 3.0, 2.0, 1.0]) == 0
+
+
+def test_steepest_picks_the_left_end_of_the_steepest_segment():
+    # Equal log steps, so the steepest segment is the largest drop: 4.5 -> 3.0, starting at 2.
+    assert steepest(LRS, CURVE) == 2
+    with pytest.raises(ValueError, match="two or more"):
+        steepest([1e-3], [1.0])
+
+
+def test_suggestions_fall_in_the_descending_part_of_a_u_curve():
+    lrs = [1e-6 * 1.25**k for k in range(70)]
+    # Flat at 5 below lr 1e-4, down to 1 at lr 1e-2, then up: a U over log(lr) with a plateau.
+    losses = [1 + min((math.log10(lr) + 2) ** 2, 4.0) for lr in lrs]
+    lowest = lrs[min(range(len(losses)), key=losses.__getitem__)]
+    for method in ("valley", "steepest"):
+        lr = suggestion(lrs, losses, method)
+        assert 1e-4 <= lr < lowest, method
+
+
+def test_suggestion_ignores_the_non_finite_tail_and_checks_its_input():
+    lrs = LRS[:8] + [1e-1, 1.0]
+    assert suggestion(lrs, CURVE[:8] + [math.nan, math.inf], beta=0.0) == LRS[4]
+    with pytest.raises(ValueError, match="method"):
+        suggestion(LRS, CURVE, method="middle")
+    with pytest.raises(ValueError, match="finite"):
+        suggestion(LRS[:2], [1.0, math.nan])
+
+
+# ----- the subscriber --------------------------------------------------------------------------
+
+
+def test_finder_stops_when_the_loss_explodes():
+    learn, finder, rec = make_learner(), LRFindS(mult=1.25, max_lr=1e8), Recorder()
+    learn.fit(50, subs=[finder, rec], lr=1e-3)
+    lrs, losses = finder.lrs, finder.losses
+    assert len(lrs) == len(losses) > 5
+    assert lrs[0] == 1e-3
+    for a, b in zip(lrs, lrs[1:]):
+        assert b > a and b == pytest.approx(a * 1.25)
+    assert lrs[-1] * 1.25 <= 1e8  # stopped by the explosion, not by max_lr
+    assert not math.isfinite(losses[-1]) or losses[-1] > 3 * min(losses[:-1])
+    assert all(loss <= 3 * min(losses[: i + 1]) for i, loss in enumerate(losses[:-1]))
+    # one record per training batch; validation was skipped
+    assert len(lrs) == sum(1 for e in rec.trace if e[0] == "after_loss")
+    assert all(mode == "train" for event, mode, *_ in rec.trace if event == "before_batch")
+
+
+def test_finder_stops_before_max_lr_across_epochs():
+    learn, finder = make_learner(), LRFindS(mult=1.25, max_lr=1e-3)
+    learn.fit(5, subs=[finder], lr=1e-4)
+    # 1e-4 * 1.25**10 = 9.3e-4 <= 1e-3 < 1e-4 * 1.25**11: eleven batches, over two epochs of six
+    assert len(finder.lrs) == 11
+    assert finder.lrs[-1] <= 1e-3 < finder.lrs[-1] * 1.25
+
+
+def test_finder_records_a_non_finite_loss_then_stops():
+    calls = []
+
+    def loss_fn(preds, y):
+        calls.append(1)
+        loss = F.cross_entropy(preds, y)
+        return loss * math.nan if len(calls) == 4 else loss
+
+    torch.manual_seed(0)
+    learn = Learner(tiny_model(), tiny_dls(shuffle=False), loss_fn, torch.optim.SGD, 0.1)
+    finder = LRFindS()
+    learn.fit(3, valid=False, subs=[finder], lr=1e-4)
+    assert len(finder.losses) == 4 and math.isnan(finder.losses[-1])
+
+
+def test_finder_works_with_a_hand_written_optimizer():
+    learn = make_learner(BasicOptim)
+    finder = learn.lr_find(start_lr=1e-3, max_lr=1.0)
+    assert finder.lrs[0] == 1e-3 and len(finder.lrs) > 5
+    assert all(b > a for a, b in zip(finder.lrs, finder.lrs[1:]))
+
+
+def test_state_dict_round_trip():
+    finder = LRFindS()
+    finder.load_state_dict({"lrs": LRS, "losses": CURVE})
+    other = LRFindS()
+    other.load_state_dict(finder.state_dict())
+    assert (other.lrs, other.losses, other.best) == (LRS, CURVE, 1.0)
+
+
+def test_plot_returns_a_figure_that_saves_as_png(tmp_path):
+    finder = make_learner().lr_find(start_lr=1e-4, max_lr=10.0)
+    fig = finder.plot()
+    assert isinstance(fig, Figure)
+    path = tmp_path / "lr_find.png"
+    fig.savefig(path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    ax = Figure().add_subplot()
+    assert finder.plot(ax=ax, suggest=False) is ax.figure
+    assert finder.suggestion("steepest") in finder.lrs
+
+
+# ----- lr_find restores the learner --------------------------------------------------------------
+
+
+def test_lr_find_restores_weights_adam_state_lr_and_step():
+    learn = make_learner(torch.optim.Adam, lr=1e-3)
+    learn.fit(1)
+    opt = learn.opt
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    exp_avg = [opt.state[p]["exp_avg"].clone() for p in learn.model.parameters()]
+    step = [opt.state[p]["step"].clone() for p in learn.model.parameters()]
+    global_step = learn.global_step
+
+    finder = learn.lr_find(start_lr=1e-4, max_lr=1.0)
+
+    assert len(finder.lrs) > 5
+    assert learn.opt is opt and learn.lr == 1e-3 and learn.global_step == global_step
+    assert opt.param_groups[0]["lr"] == 1e-3
+    for k, v in learn.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for p, m, s in zip(learn.model.parameters(), exp_avg, step):
+        assert torch.equal(opt.state[p]["exp_avg"], m) and torch.equal(opt.state[p]["step"], s)
+    learn.fit(1)  # the restored optimizer still drives the same parameters
+    assert learn.global_step == 2 * global_step
+
+
+def test_lr_find_before_any_fit_leaves_no_optimizer():
+    learn = make_learner(lr=0.05)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.lr_find(start_lr=1e-4, max_lr=1.0)
+    assert learn.opt is None and learn.lr == 0.05 and learn.global_step == 0
+    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+
+
+def test_lr_find_restores_a_hand_written_optimizer_and_momentum_grads():
+    learn = make_learner(BasicOptim, lr=0.1, cls=MomentumLearner)
+    learn.fit(1, valid=False)
+    grads = [p.grad.clone() for p in learn.model.parameters()]  # MomentumLearner keeps them
+    weights = [p.detach().clone() for p in learn.model.parameters()]
+    learn.lr_find(start_lr=1e-3, max_lr=1.0)
+    assert learn.opt.lr == 0.1
+    for p, w, g in zip(learn.model.parameters(), weights, grads):
+        assert torch.equal(p, w) and torch.equal(p.grad, g)
+
+
+def test_lr_find_restores_after_an_error():
+    calls = []
+
+    def loss_fn(preds, y):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return F.cross_entropy(preds, y)
+
+    torch.manual_seed(0)
+    learn = Learner(tiny_model(), tiny_dls(shuffle=False), loss_fn, torch.optim.SGD, 0.1)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        learn.lr_find()
+    assert learn.opt is None and learn.lr == 0.1 and learn.global_step == 0
+    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+
+
+# ----- distributed: every rank takes the same decision -------------------------------------------
+
+
+def test_ranks_average_the_loss_and_stop_together(monkeypatch):
+    # Two ranks stood in by a fake all_reduce: the other rank's loss is 1.0, then 100 at batch 3.
+    other = iter([1.0, 1.0, 1.0, 100.0] + [1.0] * 100)
+
+    def all_reduce(tensor):
+        tensor += next(other)
+
+    fake_dist = SimpleNamespace(
+        is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2, all_reduce=all_reduce
+    )
+    monkeypatch.setattr(lr_find_module, "dist", fake_dist)
+    assert float(_mean_over_ranks(torch.tensor(3.0))) == 2.0
+    finder = make_learner().lr_find(start_lr=1e-4, max_lr=1.0)
+    # this rank's own loss never explodes; the average does at the fourth batch (index 3 of `other`)
+    assert len(finder.losses) == 3 and finder.losses[-1] > 50
+
+
+# ----- both engines --------------------------------------------------------------------------------
+
+LIGHTNING_QUIET = dict(accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                       enable_model_summary=False)
+
+
+def test_lightning_engine_records_the_same_search():
+    pytest.importorskip("lightning")
+    native = make_learner().lr_find(start_lr=1e-4, max_lr=1.0)
+    learn = make_learner()
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    bridged = learn.lr_find(start_lr=1e-4, max_lr=1.0, engine="lightning", **LIGHTNING_QUIET)
+    assert bridged.lrs == native.lrs
+    torch.testing.assert_close(bridged.losses, native.losses)
+    assert learn.opt is None and all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
