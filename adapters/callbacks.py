@@ -150,14 +150,18 @@ class SubscriberCallback(L.Callback):
         self._fire(module, "cleanup_batch", "batch", bkey[0], bkey)
 
     def _log_metrics(self, module: Any, mode: str) -> None:
-        """Log a MetricsS row through Lightning as `<mode>/<name>` (for EarlyStopping, loggers)."""
+        """Log a MetricsS row through Lightning as `<mode>/<name>` (for EarlyStopping, loggers).
+
+        With a TensorBoardS attached the values reach `callback_metrics` only: TensorBoardS
+        writes them to the run itself, under the tags it uses natively."""
         row = getattr(self.sub, "last", None)
         if not isinstance(row, dict) or row.get("mode") != mode or not hasattr(self.sub, "history"):
             return
         sync = module.trainer.world_size > 1  # values are already global; this only silences a warning
         for name, value in row.items():
             if name not in ("epoch", "mode") and isinstance(value, (int, float)):
-                module.log(f"{mode}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=sync)
+                module.log(f"{mode}/{name}", float(value), on_step=False, on_epoch=True, sync_dist=sync,
+                           logger=module.log_to_loggers)
 
     # ----- Lightning hooks (see HOOK_TABLE) ----------------------------------------------------
 

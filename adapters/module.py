@@ -77,6 +77,12 @@ class LightningEngine:
         """Backpropagate through Lightning (precision scaling, strategy hooks)."""
         self.module.manual_backward(loss)
 
+    def tensorboard_logger(self) -> Any:
+        """The Trainer's first `TensorBoardLogger`, for subscribers that write through it, or None."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return next((lg for lg in self.module.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
 
 class ForeignOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` around a hand-written optimizer (an object with `step`,
@@ -119,6 +125,7 @@ class LearnerModule(L.LightningModule):
         self.model = learn.model
         self.train_enabled = train
         self.flow = Flow()
+        self.log_to_loggers = True
         self._plain_opt: Any = None
 
     # ----- set-up and tear-down ---------------------------------------------------------------
@@ -135,8 +142,12 @@ class LearnerModule(L.LightningModule):
         # The in-step events go to exactly the subscribers bridged into this Trainer.
         from nntrain.adapters.callbacks import SubscriberCallback
 
+        from nntrain.subscribers.tensorboard import TensorBoardS
+
         subs = [cb.sub for cb in self.trainer.callbacks if isinstance(cb, SubscriberCallback)]
         learn._handlers = event_handlers(subs)
+        # TensorBoardS writes the epoch values itself, under the same tags as natively
+        self.log_to_loggers = not any(isinstance(sub, TensorBoardS) for sub in subs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The learner's optimizer (made now if the learner has none yet)."""

@@ -1,12 +1,16 @@
-"""`nntrain fit`: train a small MLP on the embedded digits (or a hub dataset) and print the epoch table."""
+"""`nntrain fit`: train a small MLP on the embedded digits (or a hub dataset), print the epoch table and
+write a TensorBoard run (optionally an LR-finder plot and the loss curves)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +40,17 @@ def _momentum(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `nntrain` command."""
-    parser = argparse.ArgumentParser(prog="nntrain", description="nntrain: train with the Learner or Lightning.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="nntrain", description="nntrain: train with the Learner or Lightning.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fit = commands.add_parser("fit", help="train an MLP on an image-classification dataset")
     fit.add_argument("--epochs", type=_positive_int, default=5, help="number of epochs (default 5)")
     fit.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (default 0.1)")
@@ -54,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--engine", choices=("native", "lightning"), default="native",
                      help="run on nntrain's Learner or on lightning.Trainer (default native)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar, plain rows")
+    fit.add_argument("--logdir", default="runs",
+                     help="TensorBoard root: the run goes to LOGDIR/<engine>-<time>/version_N (default runs/)")
+    fit.add_argument("--lr-find", action="store_true",
+                     help="run the LR finder first, print its suggestion and save lr_find.png in the run directory")
+    fit.add_argument("--plot", action="store_true", help="save the loss curves as losses.png in the run directory")
     return parser
 
 
@@ -90,8 +106,12 @@ def run_fit(args: argparse.Namespace) -> int:
     from nntrain.subscribers.device import DeviceS
     from nntrain.subscribers.metrics import MetricsS
     from nntrain.subscribers.progress import ProgressS
+    from nntrain.subscribers.tensorboard import TensorBoardS, make_log_dir
 
     device = _device(args.device)
+    if args.plot and args.no_progress:
+        raise ValueError("--plot draws from the progress display; drop --no-progress")
+    make_log_dir(args.logdir)  # an unusable log directory fails now, not after loading and training
     torch.manual_seed(args.seed)
     try:
         dd = load_dataset_dict(args.dataset)
@@ -101,9 +121,8 @@ def run_fit(args: argparse.Namespace) -> int:
     x, _ = next(iter(dls.valid))
     n_classes = dls.train.dataset.y.max().item() + 1
     model = make_model(x.shape[1], args.hidden, int(n_classes))
-    subs = [MetricsS(accuracy=MulticlassAccuracy()), DeviceS(device)]
-    if not args.no_progress:
-        subs.append(ProgressS())
+    subs = [DeviceS(device)]
+    progress = None if args.no_progress else ProgressS(plot=args.plot)
     if args.momentum > 0:
         learn = MomentumLearner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs, mom=args.momentum)
     else:
@@ -112,7 +131,28 @@ def run_fit(args: argparse.Namespace) -> int:
         _quiet_lightning()
     print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "
           f"{type(learn).__name__}, engine={args.engine}, device={device}")
-    learn.fit(args.epochs, engine=args.engine)
+    finder = None
+    if args.lr_find:
+        finder = learn.lr_find(engine=args.engine)
+        print(f"lr finder: suggested lr {finder.suggestion():.2e} (this run uses --lr {args.lr:g})")
+    run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tensorboard = TensorBoardS(args.logdir, run_name)
+    # Attached for the training fit only, so the LR finder's search prints no rows and logs nothing.
+    fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else [])]
+    trainer_kwargs = {}
+    if args.engine == "lightning":  # TensorBoardS writes through the Trainer's logger: one file per run
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        trainer_kwargs["logger"] = TensorBoardLogger(save_dir=args.logdir, name=run_name, default_hp_metric=False)
+    learn.fit(args.epochs, engine=args.engine, subs=fit_subs, **trainer_kwargs)
+    run_dir = Path(tensorboard.log_dir)
+    if finder is not None:
+        finder.plot().savefig(run_dir / "lr_find.png", format="png")
+        print(f"lr finder plot: {run_dir / 'lr_find.png'}")
+    if progress is not None and args.plot:
+        progress.save_plot(run_dir / "losses.png")
+        print(f"loss curves: {run_dir / 'losses.png'}")
+    print(f"TensorBoard run: {run_dir}; view it with: tensorboard --logdir {args.logdir}")
     return 0
 
 
@@ -121,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_fit(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"nntrain: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
