@@ -92,9 +92,11 @@ def _device(name: str) -> torch.device:
 
 def _quiet_lightning() -> None:
     """Keep the epoch table readable: Lightning's banner and hints are not the user's business here."""
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning  # importing sets Lightning's log level
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -73,11 +73,14 @@ class Subscriber:
 
     `order` sorts subscribers (lower runs first). `engines` names the engines the subscriber
     runs on; on an engine that does the job itself (Lightning places the model on its device),
-    a subscriber lists only the other engines and is left out there.
+    a subscriber lists only the other engines and is left out there. `reports` marks a
+    subscriber that only reports (metrics, progress, logs): `lr_find` detaches it during the
+    search, so a search prints and logs nothing.
     """
 
     order: int = 0
     engines: tuple[str, ...] = ("native", "lightning")
+    reports: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         """State to keep in checkpoints; none by default."""

@@ -236,7 +236,9 @@ def lr_find(
 
     The weights, gradients, optimizer (its state dict, or its `lr` for a hand-written one, or
     its absence), `learn.lr`, `learn.global_step` and the model's train/eval mode are restored
-    even when the search fails.
+    even when the search fails. Reporting subscribers (`reports = True`: metrics, progress,
+    TensorBoard) are detached during the search and attached again afterwards. The random
+    number generators are not restored: the search moves them on, as any fit does.
 
     Args:
         learn: the learner to search with.
@@ -258,9 +260,13 @@ def lr_find(
     opt_state = copy.deepcopy(opt.state_dict()) if callable(getattr(opt, "state_dict", None)) else None
     opt_lr = get_lr(opt) if opt is not None and opt_state is None else None
     lr, global_step = learn.lr, learn.global_step
+    subs = list(learn.subs)
+    learn.remove_subs([sub for sub in subs if sub.reports])  # no rows, bars or logs from the search
     try:
         learn.fit(max_epochs, valid=False, subs=[finder], lr=start_lr, engine=engine, **trainer_kwargs)
     finally:
+        learn.remove_subs(list(learn.subs))
+        learn.add_subs(subs)
         model.load_state_dict(weights)
         for p, g in zip(model.parameters(), grads):
             p.grad = g

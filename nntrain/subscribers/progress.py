@@ -46,6 +46,8 @@ class ProgressS(Subscriber):
     `plot_losses()` or `save_plot(path)` at any time.
     """
 
+    reports = True  # lr_find detaches it during the search
+
     order = 10  # after MetricsS (order 0), so its rows for an epoch arrive before that epoch ends here
 
     def __init__(self, plot: bool = False, refresh_every: float = 0.25) -> None:

@@ -97,6 +97,8 @@ class TensorBoardS(Subscriber):
         OSError: at `before_fit`, before any batch, when the run directory cannot be created.
     """
 
+    reports = True  # lr_find detaches it during the search
+
     order = 20  # after MetricsS (0) has made the epoch's row
 
     def __init__(self, log_dir: str | os.PathLike[str] = "runs", name: str | None = None) -> None:

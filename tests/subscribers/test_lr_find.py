@@ -258,3 +258,17 @@ def test_lightning_engine_records_the_same_search():
     assert bridged.lrs == native.lrs
     torch.testing.assert_close(bridged.losses, native.losses)
     assert learn.opt is None and all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+
+
+def test_lr_find_silences_reporting_subscribers_and_gives_them_back(capsys):
+    from nntrain.subscribers.metrics import MetricsS
+    from nntrain.subscribers.progress import ProgressS
+
+    learn = make_learner()
+    subs = [MetricsS(), ProgressS()]
+    learn.add_subs(subs)
+    finder = learn.lr_find(start_lr=1e-4, max_lr=1.0)
+    out = capsys.readouterr()
+    assert len(finder.losses) > 3
+    assert out.out == "" and "epoch" not in out.err  # no rows, no bars
+    assert learn.subs == subs and subs[0].history == []
