@@ -1,0 +1,322 @@
+"""Training throughput: raw PyTorch vs the native Learner vs plain Lightning vs the bridge.
+
+    python -m benchmarks.throughput [--quick] [--device cpu|cuda] [--out DIR]
+
+Three workloads on synthetic batches made once on the device (so the loader costs nothing and
+every loop iterates the same tensors): the seed MLP, a small CNN with BatchNorm, and a tiny
+linear model where per-step overhead dominates. Each loop times one training epoch, set-up
+excluded: raw PyTorch around its `for` loop, the Learner from `before_epoch` to `after_epoch`
+(a last-ordered subscriber), Lightning from `on_train_epoch_start` to `on_train_epoch_end` (a
+callback; Trainer construction, `setup`, optimizer set-up and validation are outside). After a
+warm-up epoch per loop, the loops run in interleaved, rotating order, and medians are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torcheval.metrics import MulticlassAccuracy
+
+import nntrain.adapters
+from benchmarks.common import (base_parser, bar_chart, clock, env_info, markdown_table, median, setup_device, since,
+                               spread, sync, target_line, write_outputs)
+from nntrain.learner import Learner, Subscriber
+from nntrain.subscribers.metrics import MetricsS
+
+SEED = 0
+LR = 0.1
+N_DISTINCT = 16  # distinct batches; an epoch cycles through them
+LOOPS = ("raw", "learner", "learner+metrics", "lightning", "bridge", "bridge+metrics")
+
+
+def seed_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 10))
+
+
+def small_cnn() -> nn.Module:
+    def block(ni: int, nf: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(ni, nf, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+
+    # 28 -> 14 -> 7 -> 4 -> 2 -> 1
+    return nn.Sequential(block(1, 8), block(8, 16), block(16, 32), block(32, 64),
+                         nn.Conv2d(64, 10, 3, stride=2, padding=1), nn.Flatten())
+
+
+def tiny_linear() -> nn.Module:
+    return nn.Linear(784, 10)
+
+
+# name: (model, input shape, batch size, steps per timed epoch, interleaved repeats) of a full run;
+# tiny gets the most repeats: its targets are a few µs on a ~250 µs step
+WORKLOADS = {
+    "mlp": (seed_mlp, (784,), 1024, 60, 21),
+    "cnn": (small_cnn, (1, 28, 28), 256, 20, 21),
+    "tiny": (tiny_linear, (784,), 64, 500, 51),
+}
+QUICK_STEPS = 3
+
+
+class Batches:
+    """A fixed list of batches with a length (Lightning would read a bare list as several loaders)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class EpochTimer(Subscriber):
+    """Times each epoch of a Learner: ordered last, so other subscribers' `after_epoch` is inside."""
+
+    order = 10_000
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def before_epoch(self, learn) -> None:
+        gc.collect()
+        sync(self.device)
+        self.t0 = clock()
+
+    def after_epoch(self, learn) -> None:
+        sync(self.device)
+        self.times.append(since(self.t0))
+
+
+class LightningEpochTimer(L.Callback):
+    """Times each training epoch under a Trainer; put it after the bridge's callbacks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        gc.collect()
+        sync(self.device)
+        self.t0 = clock()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        sync(self.device)
+        self.times.append(since(self.t0))
+
+
+class PlainModule(L.LightningModule):
+    """The plain LightningModule: automatic optimization, same model, loss and SGD."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def metrics_s() -> MetricsS:
+    m = MetricsS(accuracy=MulticlassAccuracy())
+    m.sink = lambda row: None  # no printing; the row is still computed each epoch
+    return m
+
+
+def make_runners(model: nn.Module, batches: Batches, device: torch.device
+                 ) -> dict[str, Callable[[], tuple[float, float]]]:
+    """One callable per loop; each trains one epoch over `batches` on its own copy of `model`
+    and returns the timed (wall, CPU) seconds."""
+    runners = {}
+
+    raw_model = copy.deepcopy(model).train()
+    raw_opt = torch.optim.SGD(raw_model.parameters(), lr=LR)
+
+    def raw() -> tuple[float, float]:
+        gc.collect()
+        sync(device)
+        t0 = clock()
+        for x, y in batches:
+            loss = F.cross_entropy(raw_model(x), y)
+            loss.backward()
+            raw_opt.step()
+            raw_opt.zero_grad()
+        sync(device)
+        return since(t0)
+
+    runners["raw"] = raw
+
+    def learner(subs: list[Subscriber], engine: str) -> Callable[[], tuple[float, float]]:
+        dls = SimpleNamespace(train=batches, valid=batches)
+        learn = Learner(copy.deepcopy(model), dls, F.cross_entropy, torch.optim.SGD, LR, subs=subs)
+        if engine == "native":
+            timer = EpochTimer(device)
+            learn.add_subs([timer])
+        else:
+            timer = LightningEpochTimer(device)  # fit_lightning puts it after the subscribers' callbacks
+
+        def run() -> tuple[float, float]:
+            if engine == "native":
+                learn.fit(1, valid=False)
+            else:
+                learn.fit(1, valid=False, engine="lightning", callbacks=[timer])
+            return timer.times[-1]
+
+        return run
+
+    runners["learner"] = learner([], "native")
+    runners["learner+metrics"] = learner([metrics_s()], "native")
+
+    plain = PlainModule(copy.deepcopy(model))
+    options = nntrain.adapters.trainer_defaults(SimpleNamespace(model=plain.model))  # same as the bridge's
+    ptimer = LightningEpochTimer(device)
+
+    def lightning() -> tuple[float, float]:
+        trainer = L.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[ptimer], **options)
+        trainer.fit(plain, train_dataloaders=batches)
+        return ptimer.times[-1]
+
+    runners["lightning"] = lightning
+    runners["bridge"] = learner([], "lightning")
+    runners["bridge+metrics"] = learner([metrics_s()], "lightning")
+    assert tuple(runners) == LOOPS
+    return runners
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Silence Lightning's per-Trainer banners and the warnings that do not apply here, then restore."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"lightning\..*")
+        warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval).*")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median of the per-repeat differences `a - b`: drift between repeats cancels."""
+    return median([x - y for x, y in zip(a, b)])
+
+
+def run_workload(wname: str, make_model: Callable[[], nn.Module], shape: tuple[int, ...], bs: int, steps: int,
+                 repeats: int, device: torch.device) -> list[dict]:
+    """Time every loop on one workload; one result row per loop."""
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [(torch.randn(bs, *shape, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device))
+                for _ in range(min(steps, N_DISTINCT))]
+    batches = Batches([distinct[i % len(distinct)] for i in range(steps)])
+    torch.manual_seed(SEED)
+    runners = make_runners(make_model().to(device), batches, device)
+
+    for run in runners.values():  # warm-up: one epoch each
+        run()
+    gc.collect()
+    gc.freeze()  # the timers' gc.collect() then skips the long-lived objects (torch, Lightning): 200 ms -> ~1 ms
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in LOOPS}
+    try:
+        for r in range(repeats):  # rotate the order so no loop always runs after the same one
+            for name in LOOPS[r % len(LOOPS):] + LOOPS[:r % len(LOOPS)]:
+                times[name].append(runners[name]())
+    finally:
+        gc.unfreeze()
+
+    us = {name: [wall / steps * 1e6 for wall, _ in ts] for name, ts in times.items()}
+    cpu = {name: [c / steps * 1e6 for _, c in ts] for name, ts in times.items()}
+    raw_us = median(us["raw"])
+    rows = []
+    for name in LOOPS:
+        m = median(us[name])
+        row = dict(workload=wname, loop=name, batch_size=bs, steps=steps, repeats=repeats,
+                   samples_per_s=bs / m * 1e6, us_per_step=m, us_per_step_iqr=spread(us[name]),
+                   ratio_to_raw=raw_us / m, overhead_us_per_step=paired(us[name], us["raw"]),
+                   over_lightning_us_per_step=paired(us[name], us["lightning"]),
+                   cpu_us_per_step=median(cpu[name]), cpu_overhead_us_per_step=paired(cpu[name], cpu["raw"]),
+                   cpu_over_lightning_us_per_step=paired(cpu[name], cpu["lightning"]))
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; print and write the results. Returns the rows."""
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = setup_device(args.device, args.threads)
+    env = env_info(device)
+    print(f"device {env['device_name']} ({device.type}), torch {env['torch']}, lightning {env['lightning']}, "
+          f"torch.set_num_threads({env['threads']}), interleaved repeats, medians reported", flush=True)
+
+    rows = []
+    with quiet_lightning():
+        for wname, (make_model, shape, bs, steps, repeats) in WORKLOADS.items():
+            if args.quick:
+                steps, repeats = QUICK_STEPS, 1
+            rows += run_workload(wname, make_model, shape, bs, steps, args.repeats or repeats, device)
+
+    by = {(r["workload"], r["loop"]): r for r in rows}
+    on_cpu = device.type == "cpu"
+
+    def over(loop: str, base: str) -> tuple[float, str]:
+        key = "overhead_us_per_step" if base == "raw" else "over_lightning_us_per_step"
+        wall, cpu = by["tiny", loop][key], by["tiny", loop]["cpu_" + key]
+        return wall, f"{wall:+.1f} us/step (CPU time {cpu:+.1f})"
+
+    native, native_text = over("learner+metrics", "raw")
+    bridge, bridge_text = over("bridge", "lightning")
+    gpu_ratio = by["mlp", "learner+metrics"]["ratio_to_raw"]
+    targets = [
+        target_line("CPU tiny: learner+metrics over raw", "<= +10 us/step", native_text, native <= 10 if on_cpu else None),
+        target_line("CPU tiny: bridge over plain Lightning", "<= +30 us/step", bridge_text,
+                    bridge <= 30 if on_cpu else None),
+        target_line("CPU tiny: bridge+metrics over plain Lightning", "(reported)", over("bridge+metrics", "lightning")[1],
+                    None),
+        target_line("CPU tiny: bare learner over raw", "(reported)", over("learner", "raw")[1], None),
+        target_line("GPU mlp: learner+metrics samples/s vs raw", ">= 0.95x", f"{gpu_ratio:.3f}x",
+                    gpu_ratio >= 0.95 if device.type == "cuda" else None),
+    ]
+    headers = ["workload", "loop", "batch", "steps", "repeats", "samples/s", "µs/step", "IQR µs", "× raw",
+               "overhead µs/step", "vs Lightning µs/step", "CPU-time overhead µs/step"]
+    table = markdown_table(headers, [[r["workload"], r["loop"], r["batch_size"], r["steps"], r["repeats"],
+                                      r["samples_per_s"], r["us_per_step"], r["us_per_step_iqr"], r["ratio_to_raw"],
+                                      r["overhead_us_per_step"], r["over_lightning_us_per_step"],
+                                      r["cpu_overhead_us_per_step"]] for r in rows])
+    notes = ["Interleaved repeats (rotating order) after one warm-up epoch per loop; medians. Timed: one training "
+             "epoch, set-up and validation excluded (Lightning: on_train_epoch_start to on_train_epoch_end).",
+             "overhead = median over repeats of (loop - raw) µs/step in the same repeat; the bridge targets use "
+             "(bridge - lightning) the same way. IQR: interquartile range of µs/step over repeats. CPU time: the "
+             "same from time.process_time, which leaves out time spent waiting for a core on a shared machine "
+             "(targets are judged on wall-clock time).",
+             "Targets (target / measured / met):", *[f"  {t}" for t in targets]]
+    if args.quick:
+        notes.insert(0, "--quick run: step counts too small for the numbers to mean anything; it checks the script runs.")
+    paths = write_outputs(args.out, "throughput", rows, env, table, notes)
+    bar_chart(args.out / "throughput.png",
+              {f"{w} (batch {WORKLOADS[w][2]})": {r["loop"]: r["us_per_step"] for r in rows if r["workload"] == w}
+               for w in WORKLOADS},
+              "µs/step (lower is better)", f"nntrain throughput, {env['device_name']}, {env['date'][:10]}")
+    print("\n" + table + "\n")
+    print("\n".join(targets))
+    print(f"wrote {paths['jsonl']}, {paths['md']}, {args.out / 'throughput.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

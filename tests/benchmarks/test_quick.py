@@ -1,0 +1,70 @@
+"""The benchmarks' `--quick` runs: they finish and write well-formed output (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import data, throughput
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_outputs(out: Path, name: str, expected: set[tuple[str, str]], numbers: list[str]) -> list[dict]:
+    """The JSON lines, Markdown table and PNG that a run wrote to `out`; returns the rows."""
+    rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    assert {(r["workload"], r["loop"]) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for row in rows:
+        for key in numbers:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        for key in ("device_name", "torch", "lightning", "date", "threads"):
+            assert row[key], key
+
+    md = (out / f"{name}.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(expected)  # header, separator, one line per row
+    assert "torch.set_num_threads(1)" in md
+    assert "Targets (target / measured / met)" in md
+
+    png = out / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        assert img.width >= 400 and img.height >= 200
+    return rows
+
+
+def test_throughput_quick(tmp_path, capsys):
+    rows = throughput.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    expected = {(w, loop) for w in throughput.WORKLOADS for loop in throughput.LOOPS}
+    written = check_outputs(tmp_path, "throughput", expected,
+                            ["samples_per_s", "us_per_step", "ratio_to_raw", "batch_size", "steps"])
+    assert len(rows) == len(written)
+    for row in written:
+        assert row["us_per_step"] == pytest.approx(row["batch_size"] / row["samples_per_s"] * 1e6)
+        assert isinstance(row["overhead_us_per_step"], float)
+    printed = capsys.readouterr().out
+    assert "CPU tiny: learner+metrics over raw: <= +10 us/step / " in printed
+    assert "CPU tiny: bridge over plain Lightning: <= +30 us/step / " in printed
+
+
+def test_data_quick(tmp_path, capsys):
+    data.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    rows = check_outputs(tmp_path, "data", {(f"digits{data.SAMPLES_QUICK // 1000}k", loop) for loop in data.LOOPS},
+                         ["samples_per_s", "us_per_batch", "ratio_to_per_item", "setup_s", "samples"])
+    assert next(r for r in rows if r["loop"] == "per_item")["ratio_to_per_item"] == 1.0
+    assert "batched vs per_item samples/s: >= 50x / " in capsys.readouterr().out
