@@ -180,3 +180,18 @@ def write_outputs(out: Path, name: str, rows: list[dict[str, Any]], env: dict[st
               f"{env['lightning']}, Python {env['python']}, torch.set_num_threads({env['threads']}), {env['date']}\n")
     paths["md"].write_text(header + "\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return paths
+
+
+def report(args: argparse.Namespace, name: str, rows: list[dict[str, Any]], env: dict[str, Any], table: str,
+           notes: list[str], targets: list[str], chart: dict[str, Any]) -> None:
+    """Write the JSON lines, Markdown and PNG chart (`chart` holds `bar_chart`'s other arguments),
+    and print the table and the target lines."""
+    notes = [*notes, "Targets (target / measured / met):", *[f"  {t}" for t in targets]]
+    if args.quick:
+        notes.insert(0, "--quick run: step counts too small for the numbers to mean anything; it checks the script runs.")
+    paths = write_outputs(args.out, name, rows, env, table, notes)
+    png = args.out / f"{name}.png"
+    bar_chart(png, **chart)
+    print("\n" + table + "\n")
+    print("\n".join(targets))
+    print(f"wrote {paths['jsonl']}, {paths['md']}, {png}")

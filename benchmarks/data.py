@@ -17,8 +17,8 @@ import time
 import datasets
 import torch
 
-from benchmarks.common import (base_parser, bar_chart, env_info, markdown_table, median, setup_device, spread,
-                               sync, target_line, write_outputs)
+from benchmarks.common import (base_parser, env_info, markdown_table, median, report, setup_device, spread,
+                               sync, target_line)
 from nntrain.data import DataLoaders, digits_dataset_dict
 
 SEED = 0
@@ -123,15 +123,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       r["setup_s"]] for r in rows])
     notes = [f"{repeats} interleaved repeats of one shuffled epoch ({n} samples) after one warm-up epoch each; "
              "medians. Set-up (loader construction, decoding, device copy) is not in samples/s.",
-             "Targets (target / measured / met):", *[f"  {t}" for t in targets]]
-    if args.quick:
-        notes.insert(0, "--quick run: step counts too small for the numbers to mean anything; it checks the script runs.")
-    paths = write_outputs(args.out, "data", rows, env, table, notes)
-    bar_chart(args.out / "data.png", {f"digits x{n} (batch {BATCH})": {r["loop"]: r["samples_per_s"] for r in rows}},
-              "samples/s (log scale, higher is better)", f"nntrain data loading, {env['device_name']}", log=True)
-    print("\n" + table + "\n")
-    print("\n".join(targets))
-    print(f"wrote {paths['jsonl']}, {paths['md']}, {args.out / 'data.png'}")
+]
+    report(args, "data", rows, env, table, notes, targets, chart=dict(
+        panels={f"digits x{n} (batch {BATCH})": {r["loop"]: r["samples_per_s"] for r in rows}},
+        xlabel="samples/s (log scale, higher is better)", title=f"nntrain data loading, {env['device_name']}", log=True))
     return rows
 
 

@@ -29,8 +29,8 @@ from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
 import nntrain.adapters
-from benchmarks.common import (base_parser, bar_chart, clock, env_info, markdown_table, median, setup_device, since,
-                               spread, sync, target_line, write_outputs)
+from benchmarks.common import (base_parser, clock, env_info, markdown_table, median, report, setup_device, since,
+                               spread, sync, target_line)
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS
 
@@ -303,18 +303,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "overhead = median over repeats of (loop - raw) µs/step in the same repeat; the bridge targets use "
              "(bridge - lightning) the same way. IQR: interquartile range of µs/step over repeats. CPU time: the "
              "same from time.process_time, which leaves out time spent waiting for a core on a shared machine "
-             "(targets are judged on wall-clock time).",
-             "Targets (target / measured / met):", *[f"  {t}" for t in targets]]
-    if args.quick:
-        notes.insert(0, "--quick run: step counts too small for the numbers to mean anything; it checks the script runs.")
-    paths = write_outputs(args.out, "throughput", rows, env, table, notes)
-    bar_chart(args.out / "throughput.png",
-              {f"{w} (batch {WORKLOADS[w][2]})": {r["loop"]: r["us_per_step"] for r in rows if r["workload"] == w}
-               for w in WORKLOADS},
-              "µs/step (lower is better)", f"nntrain throughput, {env['device_name']}, {env['date'][:10]}")
-    print("\n" + table + "\n")
-    print("\n".join(targets))
-    print(f"wrote {paths['jsonl']}, {paths['md']}, {args.out / 'throughput.png'}")
+             "(targets are judged on wall-clock time)."]
+    report(args, "throughput", rows, env, table, notes, targets, chart=dict(
+        panels={f"{w} (batch {WORKLOADS[w][2]})": {r["loop"]: r["us_per_step"] for r in rows if r["workload"] == w}
+                for w in WORKLOADS},
+        xlabel="µs/step (lower is better)", title=f"nntrain throughput, {env['device_name']}, {env['date'][:10]}"))
     return rows
 
 
