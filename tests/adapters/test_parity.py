@@ -169,3 +169,22 @@ def test_lr_finder_records_and_suggests_the_same_on_both_engines():
     assert native.lrs == light.lrs and native.losses == light.losses
     assert native.suggestion() == light.suggestion()
     assert native.suggestion("steepest") == light.suggestion("steepest")
+
+
+class PredsDtype(Subscriber):
+    def after_predict(self, learn):
+        self.dtype = learn.preds.dtype
+
+
+def test_lightning_precision_plugin_applies_to_the_learners_step():
+    def losses(precision):
+        rec, probe = Recorder(), PredsDtype()
+        learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=0.1, subs=[rec, probe])
+        torch.manual_seed(1)
+        learn.fit(2, engine="lightning", precision=precision)
+        return torch.stack(rec.losses), probe.dtype
+    full, full_dtype = losses("32-true")
+    half, half_dtype = losses("bf16-mixed")
+    assert (full_dtype, half_dtype) == (torch.float32, torch.bfloat16)  # autocast wraps predict
+    assert not torch.equal(full, half)
+    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)  # and training still follows fp32
