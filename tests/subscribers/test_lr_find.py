@@ -250,7 +250,6 @@ LIGHTNING_QUIET = dict(accelerator="cpu", enable_progress_bar=False, logger=Fals
 
 
 def test_lightning_engine_records_the_same_search():
-    pytest.importorskip("lightning")
     native = make_learner().lr_find(start_lr=1e-4, max_lr=1.0)
     learn = make_learner()
     weights = {k: v.clone() for k, v in learn.model.state_dict().items()}

@@ -144,7 +144,6 @@ def test_no_plot_keeps_no_losses():
 
 
 def test_plot_data_on_the_lightning_engine():
-    pytest.importorskip("lightning")
     progress = ProgressS(plot=True)
     make_learner([MetricsS(accuracy=batch_accuracy), progress]).fit(
         2, engine="lightning", accelerator="cpu", enable_progress_bar=False, logger=False,
