@@ -256,6 +256,66 @@ def run_workload(wname: str, make_model: Callable[[], nn.Module], shape: tuple[i
     return rows
 
 
+def run_fast_path(steps: int, repeats: int, device: torch.device) -> list[dict]:
+    """The seed MLP, raw eager loop vs the fast path (data shuffled on the device, step compiled;
+    CUDA graphs on CUDA), interleaved; losses of the first step compared."""
+    from nntrain.fastpath import CompiledLearner, DeviceDataLoader
+
+    _, shape, bs, _, _ = WORKLOADS["mlp"]
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(steps * bs, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (steps * bs,), generator=g).to(device)
+    torch.manual_seed(SEED)
+    model = seed_mlp().to(device)
+    raw_model = copy.deepcopy(model).train()
+    raw_opt = torch.optim.SGD(raw_model.parameters(), lr=LR)
+    batches = [(x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]) for i in range(steps)]
+
+    def raw() -> tuple[float, float]:
+        gc.collect()
+        sync(device)
+        t0 = clock()
+        for xb, yb in batches:
+            loss = F.cross_entropy(raw_model(xb), yb)
+            loss.backward()
+            raw_opt.step()
+            raw_opt.zero_grad()
+        sync(device)
+        return since(t0)
+
+    train = DeviceDataLoader(x, y, bs, shuffle=True, drop_last=True)
+    timer = EpochTimer(device)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    fast_learn = CompiledLearner(copy.deepcopy(model), SimpleNamespace(train=train, valid=train), F.cross_entropy,
+                                 torch.optim.SGD, LR, subs=[timer], mode=mode)
+
+    def fast() -> tuple[float, float]:
+        fast_learn.fit(1, valid=False)
+        return timer.times[-1]
+
+    runners = {"raw": raw, "fast": fast}
+    for run in runners.values():  # warm-up (and compilation): two epochs each
+        run()
+        run()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for r in range(repeats):
+        for name in (("raw", "fast") if r % 2 == 0 else ("fast", "raw")):
+            times[name].append(runners[name]())
+    us = {name: [wall / steps * 1e6 for wall, _ in ts] for name, ts in times.items()}
+    raw_us = median(us["raw"])
+    rows = []
+    for name in runners:
+        m = median(us[name])
+        row = dict(workload="mlp-fastpath", loop=name, batch_size=bs, steps=steps, repeats=repeats,
+                   samples_per_s=bs / m * 1e6, us_per_step=m, us_per_step_iqr=spread(us[name]),
+                   ratio_to_raw=raw_us / m, overhead_us_per_step=paired(us[name], us["raw"]),
+                   over_lightning_us_per_step=float("nan"), cpu_us_per_step=float("nan"),
+                   cpu_overhead_us_per_step=float("nan"), cpu_over_lightning_us_per_step=float("nan"))
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; print and write the results. Returns the rows."""
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
@@ -270,6 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.quick:
                 steps, repeats = QUICK_STEPS, 1
             rows += run_workload(wname, make_model, shape, bs, steps, args.repeats or repeats, device)
+        if not args.quick:  # compiling takes tens of seconds: not in the CI run
+            rows += run_fast_path(WORKLOADS["mlp"][3], args.repeats or 11, device)
 
     by = {(r["workload"], r["loop"]): r for r in rows}
     on_cpu = device.type == "cpu"
@@ -292,6 +354,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         target_line("GPU mlp: learner+metrics samples/s vs raw", ">= 0.95x", f"{gpu_ratio:.3f}x",
                     gpu_ratio >= 0.95 if device.type == "cuda" else None),
     ]
+    if ("mlp-fastpath", "fast") in by:
+        fast_ratio = by["mlp-fastpath", "fast"]["ratio_to_raw"]
+        targets.append(target_line("GPU mlp: fast path (device data, CUDA graphs) samples/s vs raw eager", ">= 3x (H100)",
+                                   f"{fast_ratio:.2f}x", fast_ratio >= 3 if device.type == "cuda" else None))
+    else:
+        targets.append(target_line("GPU mlp: fast path samples/s vs raw eager", ">= 3x (H100)",
+                                   "not run with --quick", None))
     headers = ["workload", "loop", "batch", "steps", "repeats", "samples/s", "µs/step", "IQR µs", "× raw",
                "overhead µs/step", "vs Lightning µs/step", "CPU-time overhead µs/step"]
     table = markdown_table(headers, [[r["workload"], r["loop"], r["batch_size"], r["steps"], r["repeats"],
