@@ -130,7 +130,7 @@ class SubscriberCallback(L.Callback):
             return
         ekey = (trainer.current_epoch, mode)
         flow = module.flow
-        if self._open.get("epoch") != ekey or not flow.epoch_live(ekey):
+        if self._open.get("epoch") != ekey or not flow.epoch_live(ekey) or flow.skipped(ekey, batch_idx):
             return
         bkey = (ekey, batch_idx)
         if flow.current_batch != bkey:  # the first callback puts the batch in the learner

@@ -80,8 +80,14 @@ def trainer_defaults(learn: Learner, device: torch.device | None = None) -> dict
 
 
 def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool = True,
-                  subs: Sequence[Subscriber] = (), lr: float | None = None, **trainer_kwargs: Any) -> L.Trainer:
+                  subs: Sequence[Subscriber] = (), lr: float | None = None, resume: Any = None,
+                  **trainer_kwargs: Any) -> L.Trainer:
     """Fit `learn` with a `lightning.Trainer`; `trainer_kwargs` override `trainer_defaults`.
+
+    `resume` (as in `Learner.fit`) names an nntrain checkpoint: the learner loads it and the
+    Trainer starts at its epoch (inside it, the batches already trained are fetched and run no
+    step and fire no event) or the next one; gradients, subscriber states and RNG are restored
+    at the points where the native loop restores them.
 
     Returns:
         The Trainer, for its `callback_metrics`, `logger` and checkpoint paths.
@@ -99,7 +105,12 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     learn.add_subs(subs)
     try:
         learn.prepare_fit(epochs, lr)
+        learn.fit_valid = valid
+        state = learn.load_checkpoint(resume) if resume is not None else None
+        if state is not None and state["position"]["iter"] is not None and not train:
+            raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
         module, callbacks = to_lightning(learn, subs=(), train=train)
+        module.resume_state = state
         options = trainer_defaults(learn, device)
         if not valid:
             options["limit_val_batches"] = 0
@@ -108,7 +119,17 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         options.update(trainer_kwargs)
         trainer = L.Trainer(max_epochs=epochs, callbacks=[*callbacks, *user_callbacks], **options)
+        if state is not None:  # start at the checkpoint's epoch if inside it, else the next one
+            pos = state["position"]
+            _start_at_epoch(trainer, pos["epoch"] + (pos["iter"] is None))
         trainer.fit(module)
         return trainer
     finally:
         learn.remove_subs(subs)
+
+
+def _start_at_epoch(trainer: L.Trainer, epoch: int) -> None:
+    """Make a fresh Trainer's fit loop begin at `epoch`, as if the epochs before it had run."""
+    progress = trainer.fit_loop.epoch_progress
+    for counts in (progress.current, progress.total):
+        counts.ready = counts.started = counts.processed = counts.completed = epoch

@@ -24,6 +24,7 @@ from nntrain.learner import (
     get_lr,
     set_lr,
 )
+from nntrain.checkpoint import set_rng_state
 
 __all__ = ["Flow", "LearnerModule", "LightningEngine", "ForeignOptimizer"]
 
@@ -46,6 +47,11 @@ class Flow:
         self.cancelled_batch: tuple | None = None
         self.current_batch: tuple | None = None  # key of the batch whose state is in the learner
         self.last_mode: str | None = None  # mode of the last epoch started ("train"/"valid")
+        self.skip: tuple | None = None  # (epoch key, n): a resumed epoch's first n batches, already trained
+
+    def skipped(self, epoch_key: tuple, batch_idx: int) -> bool:
+        """Whether this batch was trained before the checkpoint a resumed fit started from."""
+        return self.skip is not None and self.skip[0] == epoch_key and batch_idx < self.skip[1]
 
     def cancel(self, exc: CancelException, epoch_key: tuple | None, batch_key: tuple | None) -> None:
         """Record `exc` raised inside the given epoch and batch."""
@@ -127,6 +133,7 @@ class LearnerModule(L.LightningModule):
         self.flow = Flow()
         self.log_to_loggers = True
         self._plain_opt: Any = None
+        self.resume_state: dict[str, Any] | None = None  # an nntrain checkpoint to apply at on_fit_start
 
     # ----- set-up and tear-down ---------------------------------------------------------------
 
@@ -162,9 +169,19 @@ class LearnerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Train mode, as the native loop sets it (Lightning keeps the modes it finds), and
-        Lightning's optimizer wrapper as `learn.opt` for the subscribers."""
+        Lightning's optimizer wrapper as `learn.opt` for the subscribers. When resuming (after
+        `before_fit`, as natively): the saved gradients (Lightning set them to None when its run
+        started), subscriber states and RNG."""
         self.model.train()
         self.learn.opt = self.optimizers()
+        state = self.resume_state
+        if state is not None:
+            self.learn.set_grads(state["grads"])
+            if state["position"]["iter"] is None:
+                self.learn._apply_resume_state(state)
+                self.resume_state = None
+            else:  # inside an epoch: run no step for the batches already trained (see on_train_epoch_start)
+                self.flow.skip = ((state["position"]["epoch"], "train"), state["position"]["iter"] + 1)
 
     def teardown(self, stage: str) -> None:
         """Give the learner back its own optimizer, engine and dispatch."""
@@ -189,9 +206,19 @@ class LearnerModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
-        """Remember the mode, to leave the model as a native fit would."""
+        """Remember the mode, to leave the model as a native fit would. Resuming inside this epoch:
+        restore the epoch-start RNG (after `before_epoch`, before Lightning makes the iterator)."""
         if self.train_enabled and not self.flow.fit_cancelled:
             self.flow.last_mode = "train"
+        if self.resume_state is not None:
+            set_rng_state(self.resume_state["epoch_rng"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Resuming: after the last batch already trained, restore subscriber states and the RNG."""
+        skip = self.flow.skip
+        if skip is not None and self.resume_state is not None and batch_idx == skip[1] - 1:
+            self.learn._apply_resume_state(self.resume_state)
+            self.resume_state = None
 
     def on_validation_epoch_start(self) -> None:
         """Remember the mode, to leave the model as a native fit would."""
@@ -226,7 +253,7 @@ class LearnerModule(L.LightningModule):
 
     def _step(self, epoch_key: tuple, batch: Any, batch_idx: int) -> None:
         batch_key = (epoch_key, batch_idx)
-        if not self.flow.batch_live(epoch_key, batch_key):
+        if not self.flow.batch_live(epoch_key, batch_key) or self.flow.skipped(epoch_key, batch_idx):
             return
         if self.flow.current_batch != batch_key:  # no callback set it (and before_batch could not change it)
             self.flow.current_batch = batch_key

@@ -13,24 +13,31 @@ from nntrain.learner import (
     MomentumLearner,
     Subscriber,
 )
-from nntrain.subscribers import DeviceS, LRFindS, MetricsS, ProgressS, TensorBoardS
+from nntrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from nntrain.subscribers import CheckpointS, DeviceS, LRFindS, MetricsS, NanGuardS, ProgressS, TensorBoardS
 
 __all__ = [
     "EVENTS",
     "CancelBatchException",
     "CancelEpochException",
     "CancelFitException",
+    "CheckpointError",
+    "CheckpointS",
     "DataLoaders",
     "DeviceS",
     "LRFindS",
     "Learner",
     "MetricsS",
     "MomentumLearner",
+    "NanGuardS",
     "ProgressS",
     "Subscriber",
     "TensorBoardS",
     "digits_dataset_dict",
     "hf_ds_collate_fn",
+    "latest_checkpoint",
+    "load_checkpoint",
     "load_dataset_dict",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"

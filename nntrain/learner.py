@@ -8,12 +8,21 @@ training, `after_backward` and `after_step`.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from nntrain.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    model_mismatch,
+    set_rng_state,
+)
 
 __all__ = [
     "EVENTS",
@@ -26,6 +35,7 @@ __all__ = [
     "MomentumLearner",
     "get_lr",
     "set_lr",
+    "CheckpointError",
 ]
 
 EVENTS: tuple[str, ...] = (
@@ -120,6 +130,30 @@ def _name_source(exc: BaseException, handler: Callable[[Any], None], event: str)
         exc.add_note(note)
 
 
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of length {len(x)}"
+    return f"a {type(x).__name__}"
+
+
+def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
+    """Attach the shapes of predictions and targets to a failure of the loss function."""
+    shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else type(t).__name__  # noqa: E731
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
+
+
+def _check_batch_structure(exc: Exception, batch: Any, training: bool) -> None:
+    """Raise a TypeError naming the expected `(inputs, targets)` when a failed batch is not one."""
+    if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        return
+    mode = "training" if training else "validation"
+    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2); the "
+                    f"{mode} loader yielded {_describe(batch)}") from exc
+
+
 class Engine(Protocol):
     """What a learner needs from the engine that runs it: how to backpropagate."""
 
@@ -160,7 +194,8 @@ class Learner:
 
     State kept current during a fit, for subscribers: `epoch`, `epochs` (a range), `n_epochs`,
     `dl`, `iter` (batch index in the epoch), `global_step` (optimizer steps so far, all fits),
-    `batch`, `preds`, `loss`, `opt`, and `training` (`model.training`).
+    `batch`, `preds`, `loss`, `opt`, `training` (`model.training`) and `fit_valid` (whether this
+    fit runs validation passes).
     The step is made of the overridable methods `predict`, `get_loss`, `backward`, `step`,
     `zero_grad`; both engines call them.
     """
@@ -195,6 +230,8 @@ class Learner:
         self.global_step = 0
         self.epoch = 0
         self.iter = 0
+        self.batch: Any = None
+        self._resume: dict[str, Any] | None = None  # a loaded checkpoint whose position is still ahead
         self._handlers = event_handlers(self.subs)
 
     # ----- subscribers and dispatch -------------------------------------------------------
@@ -234,8 +271,12 @@ class Learner:
         self.preds = self.model(self.batch[0])
 
     def get_loss(self) -> None:
-        """`self.loss = loss_fn(preds, batch[1])`."""
-        self.loss = self.loss_fn(self.preds, self.batch[1])
+        """`self.loss = loss_fn(preds, batch[1])`; a failure gets a note with both shapes."""
+        try:
+            self.loss = self.loss_fn(self.preds, self.batch[1])
+        except Exception as exc:  # free when nothing is raised: shapes are read only on failure
+            _note_shapes(exc, self.preds, self.batch[1])
+            raise
 
     def backward(self) -> None:
         """Backpropagate `self.loss` through the engine (Lightning applies its precision here)."""
@@ -292,6 +333,7 @@ class Learner:
         subs: Sequence[Subscriber] = (),
         lr: float | None = None,
         engine: str = "native",
+        resume: str | os.PathLike | None = None,
         **trainer_kwargs: Any,
     ) -> Any:
         """Train for `epochs` epochs, each a training pass then a validation pass.
@@ -304,14 +346,22 @@ class Learner:
             lr: learning rate for this fit (kept for later fits).
             engine: "native" (this loop) or "lightning" (a `lightning.Trainer`, see
                 `nntrain.adapters`); `trainer_kwargs` go to the Trainer.
+            resume: continue exactly from a checkpoint: a file, a directory (its newest loadable
+                file), or "last" (the newest in the attached `CheckpointS`'s directory; with none
+                on disk the fit starts from the beginning). `epochs` is the total: a run meant
+                for 3 epochs resumes with `fit(3, resume=...)`.
 
         Returns:
             None natively; the `lightning.Trainer` on the Lightning engine.
+
+        Raises:
+            CheckpointError: the checkpoint is unreadable, incomplete or for another model.
         """
         if engine == "lightning":
             from nntrain.adapters import fit_lightning  # Lightning is imported only there
 
-            return fit_lightning(self, epochs, train=train, valid=valid, subs=subs, lr=lr, **trainer_kwargs)
+            return fit_lightning(self, epochs, train=train, valid=valid, subs=subs, lr=lr, resume=resume,
+                                 **trainer_kwargs)
         if engine != "native":
             raise ValueError(f"engine must be 'native' or 'lightning', got {engine!r}")
         if trainer_kwargs:
@@ -319,10 +369,84 @@ class Learner:
         self.add_subs(subs)
         try:
             self.prepare_fit(epochs, lr)
+            if resume is not None:
+                self._resume = self.load_checkpoint(resume)
             self._run_scope("fit", self._fit_body, CancelFitException, train, valid)
         finally:
+            self._resume = None
             self.remove_subs(subs)
         return None
+
+    # ----- resume --------------------------------------------------------------------------------
+
+    def load_checkpoint(self, resume: str | os.PathLike) -> dict[str, Any] | None:
+        """Load model, optimizer, gradients and `global_step` from a checkpoint (see `fit(resume=)`);
+        return the checkpoint (its subscriber states and RNG are applied when the fit reaches its
+        position), or None when `resume="last"` finds no checkpoint.
+
+        Raises:
+            CheckpointError: unreadable, incomplete, or saved from a model with other keys/shapes.
+            ValueError: `resume="last"` without a `CheckpointS` attached.
+        """
+        if resume == "last":
+            dirs = [sub.dir for sub in self.subs if getattr(sub, "is_checkpointer", False)]
+            if not dirs:
+                raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
+            found = latest_checkpoint(dirs[0])
+            if found is None:
+                return None
+            path, state = found
+        elif os.path.isdir(resume):
+            found = latest_checkpoint(resume)
+            if found is None:
+                raise CheckpointError(f"no loadable checkpoint in {resume}")
+            path, state = found
+        else:
+            path, state = resume, load_checkpoint(resume)
+        problems = model_mismatch(self.model, state["model"])
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
+        self.model.load_state_dict(state["model"])
+        if state["optimizer"] is not None and hasattr(self.opt, "load_state_dict"):
+            self.opt.load_state_dict(state["optimizer"])
+        self.set_grads(state["grads"])
+        self.global_step = state["global_step"]
+        pos = state["position"]
+        self.epoch = pos["epoch"] + (pos["iter"] is None)  # the epoch the fit continues with
+        state["path"] = str(path)
+        return state
+
+    def set_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
+        with torch.no_grad():
+            for p, g in zip(self.model.parameters(), grads):
+                p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+
+    def _apply_resume_state(self, state: dict[str, Any]) -> None:
+        """Give subscribers their saved states (by class name and occurrence) and restore the RNG."""
+        seen: dict[str, int] = {}
+        for sub in self.subs:
+            name = type(sub).__qualname__
+            key = f"{name}#{seen.get(name, 0)}"
+            seen[name] = seen.get(name, 0) + 1
+            if key in state["subs"]:
+                sub.load_state_dict(state["subs"][key])
+        set_rng_state(state["rng"])
+
+    def _resumed_batches(self) -> Iterator[tuple[int, Any]]:
+        """The resumed epoch's batches after the saved position, in the original order.
+
+        The epoch-start RNG is restored before the iterator is made (a shuffling sampler draws its
+        seed from it), the batches already trained are fetched and discarded (no event fires), then
+        the subscribers' states and the RNG at the checkpoint are restored."""
+        state, self._resume = self._resume, None
+        set_rng_state(state["epoch_rng"])
+        batches = iter(self.dl)
+        start = state["position"]["iter"] + 1
+        for _ in range(start):
+            next(batches, None)
+        self._apply_resume_state(state)
+        return enumerate(batches, start)
 
     def _run_scope(self, name: str, body: Callable[..., None], cancel: type[CancelException], *args: Any) -> None:
         try:
@@ -335,7 +459,19 @@ class Learner:
             self.publish(f"cleanup_{name}")
 
     def _fit_body(self, train: bool, valid: bool) -> None:
-        for self.epoch in self.epochs:
+        self.fit_valid = valid
+        epochs = self.epochs
+        if self._resume is not None:
+            pos = self._resume["position"]
+            if pos["iter"] is None:  # saved at an epoch's end: continue with the next epoch
+                epochs = range(pos["epoch"] + 1, self.n_epochs)
+                self._apply_resume_state(self._resume)
+                self._resume = None
+            elif not train:
+                raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
+            else:  # inside an epoch's training pass: `_epoch_body` skips to the position
+                epochs = range(pos["epoch"], self.n_epochs)
+        for self.epoch in epochs:
             if train:
                 self.one_epoch(True)
             if valid:
@@ -349,8 +485,16 @@ class Learner:
         self._run_scope("epoch", self._epoch_body, CancelEpochException)
 
     def _epoch_body(self) -> None:
-        for self.iter, self.batch in enumerate(self.dl):
-            self.one_batch()
+        self.batch = None
+        batches = enumerate(self.dl) if self._resume is None else self._resumed_batches()
+        try:
+            for self.iter, self.batch in batches:
+                self.one_batch()
+        except CancelException:
+            raise
+        except Exception as exc:  # free when nothing is raised; the batch is inspected only on failure
+            _check_batch_structure(exc, self.batch, self.model.training)
+            raise
 
     def one_batch(self) -> None:
         """Run one batch: predict, loss and (when training) backward, step, zero_grad."""

@@ -122,6 +122,37 @@ def _compute_global(metric: Any) -> Any:
     return metric.compute()
 
 
+def _clone(value: Any) -> Any:
+    """`value` with every tensor in it (in dicts and lists) cloned: metric states are updated in place."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _metric_state(metric: Any) -> dict[str, Any]:
+    """A metric object's accumulated state: torchmetrics' `metric_state`, else `state_dict()`."""
+    if hasattr(metric, "metric_state"):  # torchmetrics: its state_dict() leaves states out by default
+        return {"torchmetrics": _clone(dict(metric.metric_state)), "update_count": getattr(metric, "_update_count", 0)}
+    if hasattr(metric, "state_dict"):  # torcheval
+        return {"state_dict": _clone(metric.state_dict())}
+    return {}
+
+
+def _load_metric_state(metric: Any, state: dict[str, Any]) -> None:
+    """Restore what `_metric_state` returned."""
+    if "torchmetrics" in state:
+        for name, value in _clone(state["torchmetrics"]).items():
+            setattr(metric, name, value)
+        metric._update_count = state["update_count"]
+        metric._computed = None
+    elif "state_dict" in state:
+        metric.load_state_dict(state["state_dict"])
+
+
 class MetricAccumulator:
     """The batch-size-weighted mean loss and `metrics` over an epoch, kept off the per-batch path.
 
@@ -224,6 +255,30 @@ class MetricAccumulator:
         self.count += sum(sizes)
         self.clear_buffer()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch so far: running sums, sample count, each metric object's state and the
+        buffered batches. The buffer is saved as it is, not flushed, so taking a checkpoint never
+        changes where the flushes fall (and a resumed epoch gives bitwise the same values)."""
+        return {  # copies of the running tensors: a later flush adds to them in place
+            "count": self.count,
+            "loss_sum": None if self._loss_sum is None else self._loss_sum.clone(),
+            "fn_sums": {name: value.clone() for name, value in self._fn_sums.items()},
+            "objects": {name: _metric_state(m) for name, m in self.objects.items()},
+            "buffer": {"preds": list(self._preds), "targets": list(self._targets), "losses": list(self._losses),
+                       "sizes": list(self._sizes), "buffered": self._buffered},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` (metric objects and names must match)."""
+        self.count = state["count"]
+        self._loss_sum = None if state["loss_sum"] is None else state["loss_sum"].clone()
+        self._fn_sums = {name: value.clone() for name, value in state["fn_sums"].items()}
+        for name, metric in self.objects.items():
+            _load_metric_state(metric, state["objects"][name])
+        buf = state["buffer"]
+        self._preds, self._targets, self._losses = list(buf["preds"]), list(buf["targets"]), list(buf["losses"])
+        self._sizes, self._buffered = list(buf["sizes"]), buf["buffered"]
+
     def compute(self) -> dict[str, float | list[float]]:
         """Flush and return `{'loss': ..., name: ...}` over this epoch, over all ranks if distributed.
 
@@ -321,9 +376,11 @@ class MetricsS(Subscriber):
             print(format_row(log))
 
     def state_dict(self) -> dict[str, Any]:
-        """The history, for checkpoints."""
-        return {"history": [dict(row) for row in self.history]}
+        """The history and the epoch in progress (see `MetricAccumulator.state_dict`), for checkpoints."""
+        return {"history": [dict(row) for row in self.history], "epoch": self.acc.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the history from `state_dict`."""
+        """Restore the history (and the epoch in progress, when saved) from `state_dict`."""
         self.history = [dict(row) for row in state["history"]]
+        if "epoch" in state:
+            self.acc.load_state_dict(state["epoch"])

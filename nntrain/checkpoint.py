@@ -1,0 +1,166 @@
+"""Checkpoint mechanics as plain functions: atomic save, keep-last-K, checked load, RNG capture.
+
+A checkpoint is one `torch.save`d dict (see `REQUIRED_KEYS`). Files are written to a temporary
+file in the target directory, flushed and fsync'd, then renamed over the target with
+`os.replace` and the directory fsync'd, so a crash leaves either the old file or the new one,
+never half of one. `latest_checkpoint` skips (with a warning) a file that does not load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "REQUIRED_KEYS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "checkpoint_name",
+    "rng_state",
+    "set_rng_state",
+    "model_mismatch",
+]
+
+REQUIRED_KEYS: tuple[str, ...] = (
+    "format", "model", "optimizer", "grads", "global_step", "position", "rng", "epoch_rng", "subs",
+)
+"""Keys every nntrain checkpoint holds; a file missing one is reported as corrupt."""
+
+PATTERN = "ckpt-*.pt"
+"""Glob matching the files `CheckpointS` writes (and `latest_checkpoint` considers)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used: unreadable, truncated, incomplete or for another model."""
+
+
+def checkpoint_name(global_step: int, epoch: int, iter_: int | None) -> str:
+    """File name sorting in training order: by step, then epoch, then batch (`end` after batches)."""
+    pos = "end" if iter_ is None else f"b{iter_:07d}"
+    return f"ckpt-s{global_step:010d}-e{epoch:06d}-{pos}.pt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` to `path` atomically (temporary file, fsync, `os.replace`, fsync of the directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or lacks a required key.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded (corrupt or truncated?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
+    return state
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoint files in `directory`, oldest first (by name, which sorts in training order)."""
+    directory = Path(directory)
+    return sorted(directory.glob(PATTERN)) if directory.is_dir() else []
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `directory` that loads, as `(path, state)`, or None if none does.
+
+    A newer file that does not load is skipped with a `warnings.warn` naming it.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping unusable checkpoint {path}: {exc}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints in `directory`; return the deleted paths."""
+    paths = list_checkpoints(directory)
+    doomed = paths[:-keep] if keep > 0 else paths
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's `random`, numpy's global generator (if numpy is present), torch's CPU
+    generator and every CUDA device's (when CUDA is initialised), in `weights_only`-loadable types."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators from `rng_state()`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss_value = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss_value))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_mismatch(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between `model`'s state dict and `saved` (empty when they match)."""
+    own = model.state_dict()
+    problems = [f"missing in checkpoint: {k}" for k in own if k not in saved]
+    problems += [f"not in model: {k}" for k in saved if k not in own]
+    problems += [f"shape of {k}: model {tuple(own[k].shape)}, checkpoint {tuple(saved[k].shape)}"
+                 for k in own if k in saved and hasattr(saved[k], "shape") and own[k].shape != saved[k].shape]
+    return problems
