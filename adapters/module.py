@@ -24,7 +24,7 @@ from nntrain.learner import (
     get_lr,
     set_lr,
 )
-from nntrain.checkpoint import set_rng_state
+from nntrain.checkpoint import apply_subscriber_states, set_grads, set_rng_state
 
 __all__ = ["Flow", "LearnerModule", "LightningEngine", "ForeignOptimizer"]
 
@@ -132,6 +132,7 @@ class LearnerModule(L.LightningModule):
         self.train_enabled = train
         self.flow = Flow()
         self.log_to_loggers = True
+        self._grads: list[torch.Tensor | None] = []
         self._plain_opt: Any = None
         self.resume_state: dict[str, Any] | None = None  # an nntrain checkpoint to apply at on_fit_start
 
@@ -155,6 +156,9 @@ class LearnerModule(L.LightningModule):
         learn._handlers = event_handlers(subs)
         # TensorBoardS writes the epoch values itself, under the same tags as natively
         self.log_to_loggers = not any(isinstance(sub, TensorBoardS) for sub in subs)
+        # Lightning sets the gradients to None when its run starts; the learner owns them
+        # (MomentumLearner keeps mom * grad between fits), so they go back at on_train_start.
+        self._grads = [p.grad for p in self.model.parameters()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The learner's optimizer (made now if the learner has none yet)."""
@@ -175,10 +179,12 @@ class LearnerModule(L.LightningModule):
         self.model.train()
         self.learn.opt = self.optimizers()
         state = self.resume_state
-        if state is not None:
-            self.learn.set_grads(state["grads"])
+        if state is None:
+            set_grads(self.model, self._grads)
+        else:
+            set_grads(self.model, state["grads"])
             if state["position"]["iter"] is None:
-                self.learn._apply_resume_state(state)
+                apply_subscriber_states(self.learn, state)
                 self.resume_state = None
             else:  # inside an epoch: run no step for the batches already trained (see on_train_epoch_start)
                 self.flow.skip = ((state["position"]["epoch"], "train"), state["position"]["iter"] + 1)
@@ -217,7 +223,7 @@ class LearnerModule(L.LightningModule):
         """Resuming: after the last batch already trained, restore subscriber states and the RNG."""
         skip = self.flow.skip
         if skip is not None and self.resume_state is not None and batch_idx == skip[1] - 1:
-            self.learn._apply_resume_state(self.resume_state)
+            apply_subscriber_states(self.learn, self.resume_state)
             self.resume_state = None
 
     def on_validation_epoch_start(self) -> None:

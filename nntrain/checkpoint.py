@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "model_mismatch",
+    "restore_learner",
+    "set_grads",
+    "apply_subscriber_states",
+    "resumed_batches",
 ]
 
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -164,3 +169,87 @@ def model_mismatch(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> li
     problems += [f"shape of {k}: model {tuple(own[k].shape)}, checkpoint {tuple(saved[k].shape)}"
                  for k in own if k in saved and hasattr(saved[k], "shape") and own[k].shape != saved[k].shape]
     return problems
+
+
+# ----- resuming a learner ----------------------------------------------------------------------
+
+
+def restore_learner(learn: Any, resume: str | os.PathLike) -> dict[str, Any] | None:
+    """Load model, optimizer, gradients and `global_step` from a checkpoint into `learn`.
+
+    Args:
+        learn: the learner to restore.
+        resume: a file, a directory (its newest loadable file), or "last" (the newest in the
+            directory of the attached `CheckpointS`).
+
+    Returns:
+        The checkpoint (with its `path`), whose subscriber states and RNG the fit applies when it
+        reaches the saved position; None when `resume="last"` finds no checkpoint.
+
+    Raises:
+        CheckpointError: unreadable, incomplete, or saved from a model with other keys/shapes.
+        ValueError: `resume="last"` without a `CheckpointS` attached.
+    """
+    if resume == "last":
+        dirs = [sub.dir for sub in learn.subs if getattr(sub, "is_checkpointer", False)]
+        if not dirs:
+            raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
+        found = latest_checkpoint(dirs[0])
+        if found is None:
+            return None
+        path, state = found
+    elif os.path.isdir(resume):
+        found = latest_checkpoint(resume)
+        if found is None:
+            raise CheckpointError(f"no loadable checkpoint in {resume}")
+        path, state = found
+    else:
+        path, state = resume, load_checkpoint(resume)
+    problems = model_mismatch(learn.model, state["model"])
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
+    learn.model.load_state_dict(state["model"])
+    if state["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
+        learn.opt.load_state_dict(state["optimizer"])
+    set_grads(learn.model, state["grads"])
+    learn.global_step = state["global_step"]
+    pos = state["position"]
+    learn.epoch = pos["epoch"] + (pos["iter"] is None)  # the epoch the fit continues with
+    state["path"] = str(path)
+    return state
+
+
+def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
+    """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+
+
+def apply_subscriber_states(learn: Any, state: dict[str, Any]) -> None:
+    """Give `learn`'s subscribers their saved states (by class name and occurrence) and restore
+    the RNG as it was at the checkpoint."""
+    seen: dict[str, int] = {}
+    for sub in learn.subs:
+        name = type(sub).__qualname__
+        key = f"{name}#{seen.get(name, 0)}"
+        seen[name] = seen.get(name, 0) + 1
+        if key in state["subs"]:
+            sub.load_state_dict(state["subs"][key])
+    set_rng_state(state["rng"])
+
+
+def resumed_batches(learn: Any, state: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """The resumed epoch's `(index, batch)` pairs after the saved position, in the original order.
+
+    The epoch-start RNG is restored before the iterator is made (a shuffling sampler draws its
+    seed from it), the batches already trained are fetched and discarded (no event fires), then
+    the subscribers' states and the RNG at the checkpoint are restored.
+    """
+    set_rng_state(state["epoch_rng"])
+    batches = iter(learn.dl)
+    start = state["position"]["iter"] + 1
+    for _ in range(start):
+        next(batches, None)
+    apply_subscriber_states(learn, state)
+    return enumerate(batches, start)

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from nntrain.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    model_mismatch,
-    set_rng_state,
-)
+from nntrain.checkpoint import CheckpointError, apply_subscriber_states, restore_learner, resumed_batches
 
 __all__ = [
     "EVENTS",
@@ -381,72 +375,9 @@ class Learner:
 
     def load_checkpoint(self, resume: str | os.PathLike) -> dict[str, Any] | None:
         """Load model, optimizer, gradients and `global_step` from a checkpoint (see `fit(resume=)`);
-        return the checkpoint (its subscriber states and RNG are applied when the fit reaches its
-        position), or None when `resume="last"` finds no checkpoint.
-
-        Raises:
-            CheckpointError: unreadable, incomplete, or saved from a model with other keys/shapes.
-            ValueError: `resume="last"` without a `CheckpointS` attached.
-        """
-        if resume == "last":
-            dirs = [sub.dir for sub in self.subs if getattr(sub, "is_checkpointer", False)]
-            if not dirs:
-                raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
-            found = latest_checkpoint(dirs[0])
-            if found is None:
-                return None
-            path, state = found
-        elif os.path.isdir(resume):
-            found = latest_checkpoint(resume)
-            if found is None:
-                raise CheckpointError(f"no loadable checkpoint in {resume}")
-            path, state = found
-        else:
-            path, state = resume, load_checkpoint(resume)
-        problems = model_mismatch(self.model, state["model"])
-        if problems:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
-        self.model.load_state_dict(state["model"])
-        if state["optimizer"] is not None and hasattr(self.opt, "load_state_dict"):
-            self.opt.load_state_dict(state["optimizer"])
-        self.set_grads(state["grads"])
-        self.global_step = state["global_step"]
-        pos = state["position"]
-        self.epoch = pos["epoch"] + (pos["iter"] is None)  # the epoch the fit continues with
-        state["path"] = str(path)
-        return state
-
-    def set_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
-        """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
-        with torch.no_grad():
-            for p, g in zip(self.model.parameters(), grads):
-                p.grad = None if g is None else g.to(p.device, p.dtype).clone()
-
-    def _apply_resume_state(self, state: dict[str, Any]) -> None:
-        """Give subscribers their saved states (by class name and occurrence) and restore the RNG."""
-        seen: dict[str, int] = {}
-        for sub in self.subs:
-            name = type(sub).__qualname__
-            key = f"{name}#{seen.get(name, 0)}"
-            seen[name] = seen.get(name, 0) + 1
-            if key in state["subs"]:
-                sub.load_state_dict(state["subs"][key])
-        set_rng_state(state["rng"])
-
-    def _resumed_batches(self) -> Iterator[tuple[int, Any]]:
-        """The resumed epoch's batches after the saved position, in the original order.
-
-        The epoch-start RNG is restored before the iterator is made (a shuffling sampler draws its
-        seed from it), the batches already trained are fetched and discarded (no event fires), then
-        the subscribers' states and the RNG at the checkpoint are restored."""
-        state, self._resume = self._resume, None
-        set_rng_state(state["epoch_rng"])
-        batches = iter(self.dl)
-        start = state["position"]["iter"] + 1
-        for _ in range(start):
-            next(batches, None)
-        self._apply_resume_state(state)
-        return enumerate(batches, start)
+        return it (its subscriber states and RNG are applied when the fit reaches its position),
+        or None when `resume="last"` finds none. See `nntrain.checkpoint.restore_learner`."""
+        return restore_learner(self, resume)
 
     def _run_scope(self, name: str, body: Callable[..., None], cancel: type[CancelException], *args: Any) -> None:
         try:
@@ -465,7 +396,7 @@ class Learner:
             pos = self._resume["position"]
             if pos["iter"] is None:  # saved at an epoch's end: continue with the next epoch
                 epochs = range(pos["epoch"] + 1, self.n_epochs)
-                self._apply_resume_state(self._resume)
+                apply_subscriber_states(self, self._resume)
                 self._resume = None
             elif not train:
                 raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
@@ -486,7 +417,10 @@ class Learner:
 
     def _epoch_body(self) -> None:
         self.batch = None
-        batches = enumerate(self.dl) if self._resume is None else self._resumed_batches()
+        if self._resume is None:
+            batches = enumerate(self.dl)
+        else:
+            batches, self._resume = resumed_batches(self, self._resume), None
         try:
             for self.iter, self.batch in batches:
                 self.one_batch()

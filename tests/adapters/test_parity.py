@@ -57,9 +57,11 @@ def test_model_and_optimizer_are_the_learners_after_a_lightning_fit():
     assert learn.opt is opt and next(iter(opt.state.values()))["step"] == 12
 
 
-def test_native_then_lightning_continues_like_two_native_fits():
+@pytest.mark.parametrize("cls, optim", [(Learner, torch.optim.Adam), (MomentumLearner, torch.optim.SGD)])
+def test_native_then_lightning_continues_like_two_native_fits(cls, optim):
+    """Optimizer state and the gradients MomentumLearner keeps carry over to a Lightning fit."""
     def two_fits(second):
-        learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, torch.optim.Adam, lr=1e-2)
+        learn = cls(tiny_model(), tiny_dls(), F.cross_entropy, optim, lr=1e-2)
         torch.manual_seed(5)
         learn.fit(1)
         learn.fit(1, engine=second)
