@@ -16,7 +16,7 @@ from torcheval.metrics import MulticlassAccuracy
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.lr_find import LRFindS
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
-from tests.helpers import tiny_data, tiny_model
+from tests.helpers import retry_on_worker_abort, tiny_data, tiny_model
 
 DDP = dict(engine="lightning", strategy="ddp_spawn", accelerator="cpu", devices=2)
 
@@ -50,7 +50,7 @@ def test_ddp_metrics_are_global_and_equal_single_process(tmp_path):
 
     metrics = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
     learn = Learner(tiny_model(), eval_dls(), F.cross_entropy, subs=[metrics, DumpRows(str(tmp_path), metrics)])
-    learn.fit(1, train=False, **DDP)
+    retry_on_worker_abort(lambda: learn.fit(1, train=False, **DDP))
     for rank in (0, 1):
         rows = json.loads((tmp_path / f"rank{rank}.json").read_text())["rows"]
         assert [r["mode"] for r in rows] == ["valid"]
@@ -64,7 +64,7 @@ def test_ddp_lr_finder_takes_the_same_decision_on_every_rank(tmp_path):
     dls = SimpleNamespace(train=DataLoader(tiny_data(256, seed=5), batch_size=8, shuffle=True),
                           valid=DataLoader(tiny_data(16, seed=6), batch_size=8))
     learn = Learner(tiny_model(), dls, F.cross_entropy, lr=1e-3, subs=[DumpRows(str(tmp_path), finder=finder)])
-    learn.fit(20, valid=False, lr=1e-3, subs=[finder], **DDP)
+    retry_on_worker_abort(lambda: learn.fit(20, valid=False, lr=1e-3, subs=[finder], **DDP))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["lrs"]) > 3 and r0["lrs"] == r1["lrs"] and r0["losses"] == r1["losses"]
 
@@ -73,6 +73,6 @@ def test_ddp_spawn_trained_weights_come_back_to_the_learners_model():
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     learn = Learner(model, eval_dls(), F.cross_entropy, lr=0.5)
-    learn.fit(2, **DDP)
+    retry_on_worker_abort(lambda: learn.fit(2, **DDP))
     assert learn.model is model
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
