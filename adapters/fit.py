@@ -84,6 +84,9 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
                   **trainer_kwargs: Any) -> L.Trainer:
     """Fit `learn` with a `lightning.Trainer`; `trainer_kwargs` override `trainer_defaults`.
 
+    With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
+    at the same place, and `TensorBoardS` writes its run through it (one event file per run).
+
     `resume` (as in `Learner.fit`) names an nntrain checkpoint: the learner loads it and the
     Trainer starts at its epoch (inside it, the batches already trained are fetched and run no
     step and fire no event) or the next one; gradients, subscriber states and RNG are restored
@@ -118,6 +121,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
             options["limit_train_batches"] = 1
         user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         options.update(trainer_kwargs)
+        if "logger" not in trainer_kwargs:
+            options["logger"] = _tensorboard_logger(learn.subs) or False
         trainer = L.Trainer(max_epochs=epochs, callbacks=[*callbacks, *user_callbacks], **options)
         if state is not None:  # start at the checkpoint's epoch if inside it, else the next one
             pos = state["position"]
@@ -126,6 +131,20 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         return trainer
     finally:
         learn.remove_subs(subs)
+
+
+def _tensorboard_logger(subs: Sequence[Subscriber]) -> Any:
+    """A TensorBoardLogger at the place a `TensorBoardS` among `subs` writes to (same layout:
+    `log_dir/name/version_N`), so it writes its run through the Trainer's logger; else None."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from nntrain.subscribers.tensorboard import TensorBoardS, make_log_dir
+
+    tb = next((sub for sub in subs if isinstance(sub, TensorBoardS)), None)
+    if tb is None:
+        return None
+    make_log_dir(tb.root)  # an unusable directory: TensorBoardS's clear error, before training
+    return TensorBoardLogger(save_dir=str(tb.root), name=tb.name or "", default_hp_metric=False)
 
 
 def _start_at_epoch(trainer: L.Trainer, epoch: int) -> None:

@@ -141,12 +141,8 @@ def run_fit(args: argparse.Namespace) -> int:
     tensorboard = TensorBoardS(args.logdir, run_name)
     # Attached for the training fit only, so the LR finder's search prints no rows and logs nothing.
     fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else [])]
-    trainer_kwargs = {}
-    if args.engine == "lightning":  # TensorBoardS writes through the Trainer's logger: one file per run
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        trainer_kwargs["logger"] = TensorBoardLogger(save_dir=args.logdir, name=run_name, default_hp_metric=False)
-    learn.fit(args.epochs, engine=args.engine, subs=fit_subs, **trainer_kwargs)
+    # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
+    learn.fit(args.epochs, engine=args.engine, subs=fit_subs)
     run_dir = Path(tensorboard.log_dir)
     if finder is not None:
         finder.plot().savefig(run_dir / "lr_find.png", format="png")

@@ -52,12 +52,15 @@ def make_learner(*subs: Subscriber) -> Learner:
     return Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=LR, subs=list(subs))
 
 
-def fit(engine: str, root: Path, name: str, *extra: Subscriber, logger: bool = True) -> tuple[TensorBoardS, MetricsS]:
-    """Fit `EPOCHS` epochs with a MetricsS and a TensorBoardS under `root/name` (through a
-    TensorBoardLogger on Lightning when `logger`)."""
+def fit(engine: str, root: Path, name: str, *extra: Subscriber, logger: bool | None = True
+        ) -> tuple[TensorBoardS, MetricsS]:
+    """Fit `EPOCHS` epochs with a MetricsS and a TensorBoardS under `root/name`; on Lightning through
+    a TensorBoardLogger of the test's (`logger=True`), without one (`False`), or the bridge's (`None`)."""
     metrics, tb = MetricsS(accuracy=batch_accuracy), TensorBoardS(root, name)
     learn = make_learner(metrics, tb, *extra)
-    kwargs = {"logger": lightning_logger(root, name)} if engine == "lightning" and logger else {}
+    kwargs = {}
+    if engine == "lightning" and logger is not None:
+        kwargs["logger"] = lightning_logger(root, name) if logger else False
     torch.manual_seed(0)
     learn.fit(EPOCHS, engine=engine, **kwargs)
     return tb, metrics
@@ -140,6 +143,15 @@ def test_lightning_without_a_tensorboard_logger_opens_its_own_writer(tmp_path):
     tb, metrics = fit("lightning", tmp_path, "own", logger=False)
     assert tb.log_dir == tmp_path / "own" / "version_0"
     assert len(event_files(tb.log_dir)) == 1
+    assert not (tb.log_dir / "hparams.yaml").exists()  # no Lightning logger was involved
+    assert set(read_run(tb.log_dir).Tags()["scalars"]) == EXPECTED_TAGS
+
+
+def test_lightning_by_default_gets_a_tensorboard_logger_at_the_subscribers_place(tmp_path):
+    tb, metrics = fit("lightning", tmp_path, "auto", logger=None)
+    assert tb.log_dir == tmp_path / "auto" / "version_0"
+    assert len(event_files(tb.log_dir)) == 1
+    assert (tb.log_dir / "hparams.yaml").exists()  # written through the Trainer's TensorBoardLogger
     assert set(read_run(tb.log_dir).Tags()["scalars"]) == EXPECTED_TAGS
 
 
