@@ -5,7 +5,7 @@ Trainer you build; `learn.fit(epochs, engine="lightning", **trainer_kwargs)` doe
 """
 
 from nntrain.adapters.callbacks import HOOK_TABLE, SubscriberCallback
-from nntrain.adapters.fit import UNSUPPORTED_TRAINER_OPTIONS, fit_lightning, to_lightning, trainer_defaults
+from nntrain.adapters.fit import UNSUPPORTED_TRAINER_OPTIONS, fit_lightning, model_device, to_lightning, trainer_defaults
 from nntrain.adapters.module import ForeignOptimizer, LearnerModule, LightningEngine
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "to_lightning",
     "fit_lightning",
     "trainer_defaults",
+    "model_device",
     "UNSUPPORTED_TRAINER_OPTIONS",
 ]

@@ -13,7 +13,7 @@ from nntrain.adapters.callbacks import SubscriberCallback
 from nntrain.adapters.module import LearnerModule
 from nntrain.learner import Learner, Subscriber
 
-__all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "UNSUPPORTED_TRAINER_OPTIONS"]
+__all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
 UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
     "accumulate_grad_batches": "the learner steps the optimizer itself (manual optimization); accumulate "
@@ -60,12 +60,15 @@ def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = 
     return LearnerModule(learn, train=train), callbacks
 
 
-def trainer_defaults(learn: Learner, device: torch.device | None = None) -> dict[str, Any]:
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def trainer_defaults(device: torch.device) -> dict[str, Any]:
     """Trainer options that make a Lightning run match a native one: no logger, checkpoints,
-    progress bar, summary or sanity validation, on the model's device."""
-    if device is None:
-        param = next(learn.model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    progress bar, summary or sanity validation, on `device`."""
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
     devices: Any = [device.index or 0] if device.type == "cuda" else 1
     return dict(
@@ -114,7 +117,7 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
             raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
         module, callbacks = to_lightning(learn, subs=(), train=train)
         module.resume_state = state
-        options = trainer_defaults(learn, device)
+        options = trainer_defaults(device or model_device(learn.model))
         if not valid:
             options["limit_val_batches"] = 0
         if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none

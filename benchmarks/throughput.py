@@ -180,7 +180,7 @@ def make_runners(model: nn.Module, batches: Batches, device: torch.device
     runners["learner+metrics"] = learner([metrics_s()], "native")
 
     plain = PlainModule(copy.deepcopy(model))
-    options = nntrain.adapters.trainer_defaults(SimpleNamespace(model=plain.model))  # same as the bridge's
+    options = nntrain.adapters.trainer_defaults(device)  # the same as the bridge's
     ptimer = LightningEpochTimer(device)
 
     def lightning() -> tuple[float, float]:

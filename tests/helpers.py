@@ -41,6 +41,21 @@ def tiny_model(n_in: int = 8, n_out: int = 3, seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(n_in, 16), nn.ReLU(), nn.Linear(16, n_out))
 
 
+class BasicOptim:
+    """The second seed's hand-written optimizer: plain SGD with `lr`, `step` and `zero_grad` only."""
+
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    def step(self, *args, **kwargs):
+        for p in self.params:
+            p.data -= p.grad.data * self.lr
+
+    def zero_grad(self, *args, **kwargs):
+        for p in self.params:
+            p.grad = None
+
+
 class Recorder(Subscriber):
     """Records every event as (event, mode, epoch, iter); mode is 'train' or 'valid'."""
 

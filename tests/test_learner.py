@@ -18,7 +18,7 @@ from nntrain.learner import (
     MomentumLearner,
     Subscriber,
 )
-from tests.helpers import Recorder, tiny_dls, tiny_model
+from tests.helpers import BasicOptim, Recorder, tiny_dls, tiny_model
 
 ENGINES = ("native", "lightning")
 
@@ -205,20 +205,6 @@ def test_bad_epochs_and_engine():
     with pytest.raises(ValueError, match="engine"):
         learn.fit(1, engine="jax")
 
-
-class BasicOptim:
-    """The second seed's hand-written optimizer."""
-
-    def __init__(self, params, lr):
-        self.params, self.lr = list(params), lr
-
-    def step(self, *args, **kwargs):
-        for p in self.params:
-            p.data -= p.grad.data * self.lr
-
-    def zero_grad(self, *args, **kwargs):
-        for p in self.params:
-            p.grad = None
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from nntrain.data import DataLoaders, TensorPairDataset, digits_dataset_dict, pre_batched_collate
 from nntrain.learner import Learner, MomentumLearner
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
+from tests.helpers import BasicOptim
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +49,6 @@ def mnist_loss(predictions, targets):
 def binary_accuracy(preds, targets):
     return ((preds.sigmoid() > 0.5) == targets).float().mean()
 
-
-class BasicOptim:
-    def __init__(self, params, lr):
-        self.params, self.lr = list(params), lr
-
-    def step(self, *args, **kwargs):
-        for p in self.params:
-            p.data -= p.grad.data * self.lr
-
-    def zero_grad(self, *args, **kwargs):
-        for p in self.params:
-            p.grad = None
 
 
 def threes_and_sevens(ds: TensorPairDataset) -> TensorPairDataset:
