@@ -21,6 +21,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import torch
@@ -135,12 +136,9 @@ def metrics_s() -> MetricsS:
     return m
 
 
-def make_runners(model: nn.Module, batches: Batches, device: torch.device
-                 ) -> dict[str, Callable[[], tuple[float, float]]]:
-    """One callable per loop; each trains one epoch over `batches` on its own copy of `model`
-    and returns the timed (wall, CPU) seconds."""
-    runners = {}
-
+def raw_runner(model: nn.Module, batches: Any, device: torch.device) -> Callable[[], tuple[float, float]]:
+    """The raw PyTorch loop (forward, loss, backward, SGD step, zero_grad; no metrics) over
+    `batches`, on its own copy of `model`; returns the timed (wall, CPU) seconds of one epoch."""
     raw_model = copy.deepcopy(model).train()
     raw_opt = torch.optim.SGD(raw_model.parameters(), lr=LR)
 
@@ -156,7 +154,16 @@ def make_runners(model: nn.Module, batches: Batches, device: torch.device
         sync(device)
         return since(t0)
 
-    runners["raw"] = raw
+    return raw
+
+
+def make_runners(model: nn.Module, batches: Batches, device: torch.device
+                 ) -> dict[str, Callable[[], tuple[float, float]]]:
+    """One callable per loop; each trains one epoch over `batches` on its own copy of `model`
+    and returns the timed (wall, CPU) seconds."""
+    runners = {}
+
+    runners["raw"] = raw_runner(model, batches, device)
 
     def learner(subs: list[Subscriber], engine: str) -> Callable[[], tuple[float, float]]:
         dls = SimpleNamespace(train=batches, valid=batches)
@@ -267,21 +274,7 @@ def run_fast_path(steps: int, repeats: int, device: torch.device) -> list[dict]:
     y = torch.randint(0, 10, (steps * bs,), generator=g).to(device)
     torch.manual_seed(SEED)
     model = seed_mlp().to(device)
-    raw_model = copy.deepcopy(model).train()
-    raw_opt = torch.optim.SGD(raw_model.parameters(), lr=LR)
-    batches = [(x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]) for i in range(steps)]
-
-    def raw() -> tuple[float, float]:
-        gc.collect()
-        sync(device)
-        t0 = clock()
-        for xb, yb in batches:
-            loss = F.cross_entropy(raw_model(xb), yb)
-            loss.backward()
-            raw_opt.step()
-            raw_opt.zero_grad()
-        sync(device)
-        return since(t0)
+    raw = raw_runner(model, [(x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]) for i in range(steps)], device)
 
     train = DeviceDataLoader(x, y, bs, shuffle=True, drop_last=True)
     timer = EpochTimer(device)
