@@ -88,9 +88,7 @@ class SubscriberCallback(L.Callback):
         try:
             handler(module.learn)
         except _ALLOWED[scope] as exc:
-            module.flow.cancel(exc, epoch_key, batch_key)
-            if isinstance(exc, CancelFitException):
-                module.trainer.should_stop = True
+            module.cancel(exc, epoch_key, batch_key)
         except Exception as exc:
             _name_source(exc, handler, event)
             raise

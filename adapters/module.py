@@ -267,6 +267,11 @@ class LearnerModule(L.LightningModule):
         try:
             self.learn.run_step()
         except CancelException as exc:
-            self.flow.cancel(exc, epoch_key, batch_key)
-            if isinstance(exc, CancelFitException):
-                self.trainer.should_stop = True
+            self.cancel(exc, epoch_key, batch_key)
+
+    def cancel(self, exc: CancelException, epoch_key: tuple | None, batch_key: tuple | None) -> None:
+        """Honour a cancel raised in the given scope: mark it in the flow; a CancelFit also asks
+        the Trainer to stop (`should_stop`)."""
+        self.flow.cancel(exc, epoch_key, batch_key)
+        if isinstance(exc, CancelFitException):
+            self.trainer.should_stop = True
