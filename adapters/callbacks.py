@@ -28,7 +28,7 @@ HOOK_TABLE: tuple[tuple[str, str], ...] = (
     ("setup('fit')", "(no event) learner state, engine and dispatch made current"),
     ("on_fit_start", "before_fit"),
     ("on_train_epoch_start", "before_epoch (train)"),
-    ("on_train_batch_start", "before_batch"),
+    ("on_train_batch_start", "before_batch (first resumed batch inside an epoch: before_epoch, the saved states, then before_batch)"),
     ("training_step", "after_predict, after_loss, after_backward, after_step"),
     ("on_train_batch_end", "after_batch, cleanup_batch"),
     ("on_validation_epoch_start", "after_epoch + cleanup_epoch of the train epoch, then before_epoch (valid)"),
@@ -64,6 +64,7 @@ class SubscriberCallback(L.Callback):
         table = event_handlers([sub])  # also rejects handler names that are not events
         self._h = {event: (hs[0] if hs else None) for event, hs in table.items()}
         self._open: dict[str, tuple] = {}
+        self._loaded: dict[str, Any] | None = None  # state from a checkpoint, not yet applied
 
     @property
     def state_key(self) -> str:
@@ -75,8 +76,16 @@ class SubscriberCallback(L.Callback):
         return self.sub.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the subscriber's state."""
-        self.sub.load_state_dict(state_dict)
+        """Keep the subscriber's state from a checkpoint; the `LearnerModule` gives it to the
+        subscriber where the resumed fit reaches the checkpoint's position (after `before_fit`,
+        and `before_epoch` when resuming inside an epoch), as the native loop does."""
+        self._loaded = state_dict
+
+    def apply_loaded_state(self) -> None:
+        """Give the subscriber the state `load_state_dict` kept, if any."""
+        if self._loaded is not None:
+            self.sub.load_state_dict(self._loaded)
+            self._loaded = None
 
     # ----- dispatch ----------------------------------------------------------------------------
 
@@ -93,18 +102,24 @@ class SubscriberCallback(L.Callback):
             _name_source(exc, handler, event)
             raise
 
-    def _open_epoch(self, trainer: L.Trainer, module: Any, mode: str) -> None:
+    def open_epoch(self, trainer: L.Trainer, module: Any, mode: str, epoch: int | None = None) -> None:
+        """Fire `before_epoch` for the `mode` pass of `epoch` (default: the current one), and make
+        the learner's epoch and loader current."""
         learn, flow = module.learn, module.flow
-        learn.epoch = trainer.current_epoch
+        epoch = module.epoch if epoch is None else epoch
+        learn.epoch = epoch
         learn.dl = trainer.train_dataloader if mode == "train" else trainer.val_dataloaders
         if "fit" not in self._open or flow.fit_cancelled:
             return
-        key = (trainer.current_epoch, mode)
+        key = (epoch, mode)
         self._open["epoch"] = key
         if flow.epoch_live(key):
             self._fire(module, "before_epoch", "epoch", key)
 
-    def _close_epoch(self, trainer: L.Trainer, module: Any, mode: str) -> None:
+    def close_epoch(self, trainer: L.Trainer, module: Any, mode: str) -> None:
+        """Fire `after_epoch` (unless cancelled) and `cleanup_epoch` for the open `mode` pass."""
+        if mode == "train":
+            module.train_pass_closed()
         key = self._open.get("epoch")
         if key is None or key[1] != mode:
             return
@@ -126,7 +141,7 @@ class SubscriberCallback(L.Callback):
     def _open_batch(self, trainer: L.Trainer, module: Any, mode: str, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking:
             return
-        ekey = (trainer.current_epoch, mode)
+        ekey = (module.epoch, mode)
         flow = module.flow
         if self._open.get("epoch") != ekey or not flow.epoch_live(ekey) or flow.skipped(ekey, batch_idx):
             return
@@ -170,9 +185,11 @@ class SubscriberCallback(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         if pl_module.train_enabled:
-            self._open_epoch(trainer, pl_module, "train")
+            self.open_epoch(trainer, pl_module, "train")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        if pl_module.reopen_pending:  # resumed inside an epoch: Lightning skipped on_train_epoch_start
+            pl_module.open_resumed_epoch()
         self._open_batch(trainer, pl_module, "train", batch, batch_idx)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
@@ -182,8 +199,8 @@ class SubscriberCallback(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         if trainer.sanity_checking:
             return
-        self._close_epoch(trainer, pl_module, "train")
-        self._open_epoch(trainer, pl_module, "valid")
+        self.close_epoch(trainer, pl_module, "train")
+        self.open_epoch(trainer, pl_module, "valid")
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:  # noqa: D102
@@ -195,10 +212,10 @@ class SubscriberCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         if not trainer.sanity_checking:
-            self._close_epoch(trainer, pl_module, "valid")
+            self.close_epoch(trainer, pl_module, "valid")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
-        self._close_epoch(trainer, pl_module, "train")
+        self.close_epoch(trainer, pl_module, "train")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         if "fit" not in self._open:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from nntrain.adapters.callbacks import SubscriberCallback
-from nntrain.adapters.module import LearnerModule
+from nntrain.adapters.module import CHECKPOINT_KEY, LearnerModule
+from nntrain.checkpoint import check_model, find_checkpoint, is_lightning_checkpoint
 from nntrain.learner import Learner, Subscriber
 
 __all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -51,7 +52,9 @@ def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = 
     sorted by `order`, for a Trainer you build yourself.
 
     Add your own Lightning callbacks next to them; set `num_sanity_val_steps=0` to keep the
-    random number stream the same as a native run.
+    random number stream the same as a native run. `trainer.fit(module, ckpt_path=...)` resumes
+    from a checkpoint of such a fit exactly (inside an epoch, the training loader must be a
+    `ResumableDataLoader`).
     """
     if not isinstance(learn.model, nn.Module):
         raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
@@ -90,10 +93,15 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
     at the same place, and `TensorBoardS` writes its run through it (one event file per run).
 
-    `resume` (as in `Learner.fit`) names an nntrain checkpoint: the learner loads it and the
-    Trainer starts at its epoch (inside it, the batches already trained are fetched and run no
-    step and fire no event) or the next one; gradients, subscriber states and RNG are restored
-    at the points where the native loop restores them.
+    `resume` (as in `Learner.fit`: a file, a directory, or "last") names a checkpoint:
+    - a Lightning checkpoint (from `CheckpointS` on this engine, or a `ModelCheckpoint`) goes to
+      `trainer.fit(ckpt_path=...)`: Lightning restores weights, optimizer, loops, subscriber
+      states and a `ResumableDataLoader`'s position; `LearnerModule` restores the rest;
+    - a native checkpoint: the learner loads it and the Trainer's epoch 0 is the checkpoint's
+      epoch (inside it, the batches already trained are fetched and run no step and fire no
+      event) or the next one.
+    Either way gradients, subscriber states and RNG are restored at the points where the native
+    loop restores them, and the fit ends where an uninterrupted one would.
 
     Returns:
         The Trainer, for its `callback_metrics`, `logger` and checkpoint paths.
@@ -112,11 +120,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     try:
         learn.prepare_fit(epochs, lr)
         learn.fit_valid = valid
-        state = learn.load_checkpoint(resume) if resume is not None else None
-        if state is not None and state["position"]["iter"] is not None and not train:
-            raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
         module, callbacks = to_lightning(learn, subs=(), train=train)
-        module.resume_state = state
+        ckpt_path = _resume(module, resume, train) if resume is not None else None
         options = trainer_defaults(device or model_device(learn.model))
         if not valid:
             options["limit_val_batches"] = 0
@@ -126,11 +131,9 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         options.update(trainer_kwargs)
         if "logger" not in trainer_kwargs:
             options["logger"] = _tensorboard_logger(learn.subs) or False
-        trainer = L.Trainer(max_epochs=epochs, callbacks=[*callbacks, *user_callbacks], **options)
-        if state is not None:  # start at the checkpoint's epoch if inside it, else the next one
-            pos = state["position"]
-            _start_at_epoch(trainer, pos["epoch"] + (pos["iter"] is None))
-        trainer.fit(module)
+        trainer = L.Trainer(max_epochs=max(epochs - module.epoch_offset, 0),
+                            callbacks=[*callbacks, *user_callbacks], **options)
+        trainer.fit(module, ckpt_path=ckpt_path)
         return trainer
     finally:
         learn.remove_subs(subs)
@@ -150,8 +153,34 @@ def _tensorboard_logger(subs: Sequence[Subscriber]) -> Any:
     return TensorBoardLogger(save_dir=str(tb.root), name=tb.name or "", default_hp_metric=False)
 
 
-def _start_at_epoch(trainer: L.Trainer, epoch: int) -> None:
-    """Make a fresh Trainer's fit loop begin at `epoch`, as if the epochs before it had run."""
-    progress = trainer.fit_loop.epoch_progress
-    for counts in (progress.current, progress.total):
-        counts.ready = counts.started = counts.processed = counts.completed = epoch
+def _resume(module: LearnerModule, resume: Any, train: bool) -> str | None:
+    """Prepare `module` to continue from the checkpoint `resume` names; return the path to give
+    the Trainer as `ckpt_path` (a Lightning checkpoint), or None (a native one, loaded here, or
+    `resume="last"` with nothing on disk)."""
+    learn = module.learn
+    found = find_checkpoint(learn, resume)
+    if found is None:
+        return None
+    path, state = found
+    if is_lightning_checkpoint(state):
+        prefix = "model."
+        check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+        entry = state[CHECKPOINT_KEY]
+        module.epoch_offset = entry["epoch_offset"]
+        pos = entry["position"]
+        if pos["iter"] is not None and not train:
+            raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
+        if pos["iter"] is not None and not hasattr(learn.dls.train, "load_state_dict"):
+            raise ValueError(
+                f"checkpoint {path} was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}), "
+                f"but the training loader ({type(learn.dls.train).__name__}) cannot continue an epoch: make "
+                "it a nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or resume from a "
+                "checkpoint taken at an epoch's end")
+        return str(path)
+    state = learn.load_checkpoint(path)
+    pos = state["position"]
+    if pos["iter"] is not None and not train:
+        raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
+    module.resume_state = state
+    module.epoch_offset = pos["epoch"] + (pos["iter"] is None)  # the Trainer's epoch 0
+    return None

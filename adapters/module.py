@@ -8,6 +8,7 @@ strategies (DDP) apply.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -24,9 +25,14 @@ from nntrain.learner import (
     get_lr,
     set_lr,
 )
-from nntrain.checkpoint import apply_subscriber_states, set_grads, set_rng_state
+from nntrain.checkpoint import apply_subscriber_states, rng_state, set_grads, set_rng_state
 
-__all__ = ["Flow", "LearnerModule", "LightningEngine", "ForeignOptimizer"]
+__all__ = ["Flow", "LearnerModule", "LightningEngine", "ForeignOptimizer", "CHECKPOINT_KEY"]
+
+CHECKPOINT_KEY = "nntrain"
+"""The entry `LearnerModule` adds to Lightning checkpoints: the learner state Lightning does not keep."""
+
+CHECKPOINT_FORMAT = 1
 
 
 class Flow:
@@ -134,7 +140,17 @@ class LearnerModule(L.LightningModule):
         self.log_to_loggers = True
         self._grads: list[torch.Tensor | None] = []
         self._plain_opt: Any = None
-        self.resume_state: dict[str, Any] | None = None  # an nntrain checkpoint to apply at on_fit_start
+        self.resume_state: dict[str, Any] | None = None  # a native nntrain checkpoint to continue from
+        self.epoch_offset = 0  # the learner's epoch at this Trainer's epoch 0 (a resumed native checkpoint)
+        self._ckpt: dict[str, Any] | None = None  # this module's entry of a Lightning checkpoint being resumed
+        self._train_iter: int | None = None  # last training batch run in the current epoch's training pass
+        self._apply_at_open = False  # resumed inside an epoch: apply the saved states once it is reopened
+        self.reopen_pending = False  # resumed: the next training epoch may start without on_train_epoch_start
+
+    @property
+    def epoch(self) -> int:
+        """The learner's epoch: Lightning's `current_epoch` plus `epoch_offset`."""
+        return self.epoch_offset + self.trainer.current_epoch
 
     # ----- set-up and tear-down ---------------------------------------------------------------
 
@@ -145,7 +161,7 @@ class LearnerModule(L.LightningModule):
         learn = self.learn
         self.flow.reset()
         learn.engine = LightningEngine(self)
-        learn.n_epochs = self.trainer.max_epochs
+        learn.n_epochs = self.epoch_offset + self.trainer.max_epochs
         learn.epochs = range(learn.n_epochs)
         # The in-step events go to exactly the subscribers bridged into this Trainer.
         from nntrain.adapters.callbacks import SubscriberCallback
@@ -171,23 +187,142 @@ class LearnerModule(L.LightningModule):
         self._plain_opt = learn.opt
         return opt
 
+    def on_fit_start(self) -> None:
+        """Resuming (after `before_fit`, before Lightning makes the loader's iterator): at an epoch's
+        end, the saved subscriber states and RNG, as the native loop applies them before the next
+        epoch; inside an epoch of a native checkpoint, the RNG the epoch's order was drawn from."""
+        if self._ckpt is not None:
+            self.learn.global_step = self._ckpt["global_step"]
+            if self._ckpt["position"]["iter"] is None:
+                self._apply_checkpoint_states()
+            return
+        state = self.resume_state
+        if state is None:
+            return
+        if state["position"]["iter"] is None:
+            apply_subscriber_states(self.learn, state)
+            self.resume_state = None
+        else:
+            set_rng_state(state["epoch_rng"])
+
     def on_train_start(self) -> None:
-        """Train mode, as the native loop sets it (Lightning keeps the modes it finds), and
-        Lightning's optimizer wrapper as `learn.opt` for the subscribers. When resuming (after
-        `before_fit`, as natively): the saved gradients (Lightning set them to None when its run
-        started), subscriber states and RNG."""
+        """Train mode, as the native loop sets it (Lightning keeps the modes it finds), Lightning's
+        optimizer wrapper as `learn.opt` for the subscribers, and the gradients: Lightning set them
+        to None when its run started, the learner owns them (MomentumLearner keeps mom * grad)."""
         self.model.train()
         self.learn.opt = self.optimizers()
+        ckpt = self._ckpt
+        if ckpt is not None:
+            set_grads(self.model, ckpt["grads"])
+            self.reopen_pending = True  # see open_resumed_epoch
+            pos = ckpt["position"]
+            if pos["iter"] is None:  # applied at on_fit_start
+                self._ckpt = None
+            elif self.epoch == pos["epoch"]:  # inside the epoch: applied when it is reopened
+                self._check_resumable_loader(pos)
+                self._apply_at_open = True
+            else:  # after the epoch's last training batch, and Lightning went on to the next epoch
+                self._finish_saved_epoch(pos["epoch"])
+            return
         state = self.resume_state
         if state is None:
             set_grads(self.model, self._grads)
-        else:
-            set_grads(self.model, state["grads"])
-            if state["position"]["iter"] is None:
-                apply_subscriber_states(self.learn, state)
-                self.resume_state = None
-            else:  # inside an epoch: run no step for the batches already trained (see on_train_epoch_start)
-                self.flow.skip = ((state["position"]["epoch"], "train"), state["position"]["iter"] + 1)
+            return
+        set_grads(self.model, state["grads"])
+        if state["position"]["iter"] is not None:  # inside an epoch: run no step for the batches already trained
+            self.flow.skip = ((state["position"]["epoch"], "train"), state["position"]["iter"] + 1)
+
+    # ----- Lightning checkpoints ----------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what Lightning does not keep: the gradients (`MomentumLearner` keeps `mom * grad`),
+        the learner's `global_step` and epoch offset, the position in the epoch (`iter` None once
+        the epoch's training pass is done), and every RNG state. Subscriber states go in through
+        their callbacks, the weights and optimizer state through Lightning, a
+        `ResumableDataLoader`'s position through Lightning's loop state."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()],
+            "global_step": self.learn.global_step,
+            "epoch_offset": self.epoch_offset,
+            "position": {"epoch": self.epoch, "iter": self._train_iter},
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this module's entry of the checkpoint being resumed; `on_fit_start`,
+        `on_train_start` and `open_resumed_epoch` apply it.
+
+        Raises:
+            ValueError: the checkpoint was not written through `LearnerModule`.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(
+                "this Lightning checkpoint has no nntrain state (it was not written while training "
+                "an nntrain LearnerModule): resume from a checkpoint of an nntrain fit, or load only "
+                "the weights with learn.model.load_state_dict"
+            )
+        self._ckpt = state
+
+    def _check_resumable_loader(self, pos: dict[str, Any]) -> None:
+        """Lightning continues the checkpoint's epoch after its last trained batch; make sure the
+        training loader continues there too (else the epoch would see the wrong batches)."""
+        loader = self.trainer.train_dataloader
+        skip = getattr(loader, "resumed_at", None)
+        if skip != pos["iter"] + 1:
+            raise ValueError(
+                f"the checkpoint was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}), "
+                f"but the training loader ({type(loader).__name__}) cannot continue an epoch"
+                + ("" if skip is None else f" (it would skip {skip} batches, not {pos['iter'] + 1})")
+                + ": make it a nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or "
+                "resume from a checkpoint taken at an epoch's end"
+            )
+
+    def _finish_saved_epoch(self, epoch: int) -> None:
+        """Lightning resumes a checkpoint taken after an epoch's last training batch at the next
+        epoch, skipping that epoch's validation pass: close the saved epoch's training pass
+        (`before_epoch`, the saved states and RNG, `after_epoch`), as the native loop would."""
+        if self.trainer.limit_val_batches:  # else there is no validation pass to miss
+            warnings.warn(
+                f"Lightning resumes this checkpoint (taken after the last training batch of epoch {epoch}) "
+                f"at epoch {epoch + 1}, without running epoch {epoch}'s validation pass: that epoch has "
+                "no validation metrics. Checkpoint at epoch ends (CheckpointS does) to keep them.",
+                RuntimeWarning, stacklevel=2)
+        callbacks = self._subscriber_callbacks()
+        for cb in callbacks:
+            cb.open_epoch(self.trainer, self, "train", epoch)
+        self._apply_checkpoint_states()
+        self._ckpt = None
+        for cb in callbacks:
+            cb.close_epoch(self.trainer, self, "train")
+
+    def _subscriber_callbacks(self) -> list[Any]:
+        from nntrain.adapters.callbacks import SubscriberCallback
+
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, SubscriberCallback)]
+
+    def train_pass_closed(self) -> None:
+        """The current epoch's training pass is over: a checkpoint now is at the epoch's end."""
+        self._train_iter = None
+
+    def _apply_checkpoint_states(self) -> None:
+        """Give the subscribers their states from the checkpoint and restore its RNG."""
+        for cb in self._subscriber_callbacks():
+            cb.apply_loaded_state()
+        set_rng_state(self._ckpt["rng"])
+
+    def open_resumed_epoch(self) -> None:
+        """Lightning continued a training epoch without `on_train_epoch_start` (it resumed inside
+        it): fire `before_epoch` for every subscriber, then restore the checkpoint's subscriber
+        states and RNG, as the native loop does before the next batch."""
+        self.reopen_pending = False
+        for cb in self._subscriber_callbacks():
+            cb.open_epoch(self.trainer, self, "train")
+        if self._apply_at_open:
+            self._apply_at_open = False
+            self._apply_checkpoint_states()
+            self._ckpt = None
 
     def teardown(self, stage: str) -> None:
         """Give the learner back its own optimizer, engine and dispatch."""
@@ -212,15 +347,20 @@ class LearnerModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
-        """Remember the mode, to leave the model as a native fit would. Resuming inside this epoch:
-        restore the epoch-start RNG (after `before_epoch`, before Lightning makes the iterator)."""
+        """Remember the mode, to leave the model as a native fit would."""
+        self.train_pass_closed()
+        self.reopen_pending = False  # Lightning opened the epoch itself
         if self.train_enabled and not self.flow.fit_cancelled:
             self.flow.last_mode = "train"
-        if self.resume_state is not None:
-            set_rng_state(self.resume_state["epoch_rng"])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Resumed inside an epoch with no subscriber callback to reopen it: restore the states."""
+        if self.reopen_pending:
+            self.open_resumed_epoch()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Resuming: after the last batch already trained, restore subscriber states and the RNG."""
+        """Resuming a native checkpoint: after the last batch already trained, restore subscriber
+        states and the RNG."""
         skip = self.flow.skip
         if skip is not None and self.resume_state is not None and batch_idx == skip[1] - 1:
             apply_subscriber_states(self.learn, self.resume_state)
@@ -228,6 +368,8 @@ class LearnerModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         """Remember the mode, to leave the model as a native fit would."""
+        if not self.trainer.sanity_checking:
+            self.train_pass_closed()
         if not self.trainer.sanity_checking and not self.flow.fit_cancelled:
             self.flow.last_mode = "valid"
 
@@ -249,13 +391,14 @@ class LearnerModule(L.LightningModule):
         """Run the learner's step (predict, loss, backward, step, zero_grad) with its events."""
         if not self.train_enabled:
             return
-        self._step((self.current_epoch, "train"), batch, batch_idx)
+        self._step((self.epoch, "train"), batch, batch_idx)
+        self._train_iter = batch_idx  # the position a checkpoint records
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Run the learner's step in eval mode (predict, loss) with its events."""
         if self.trainer.sanity_checking:
             return
-        self._step((self.current_epoch, "valid"), batch, batch_idx)
+        self._step((self.epoch, "valid"), batch, batch_idx)
 
     def _step(self, epoch_key: tuple, batch: Any, batch_idx: int) -> None:
         batch_key = (epoch_key, batch_idx)

@@ -3,7 +3,7 @@
 Lightning is imported only by `nntrain.adapters` (the bridge), on first use.
 """
 
-from nntrain.data import DataLoaders, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
+from nntrain.data import DataLoaders, ResumableDataLoader, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
 from nntrain.learner import (
     EVENTS,
     CancelBatchException,
@@ -31,6 +31,7 @@ __all__ = [
     "MomentumLearner",
     "NanGuardS",
     "ProgressS",
+    "ResumableDataLoader",
     "Subscriber",
     "TensorBoardS",
     "digits_dataset_dict",

@@ -1,6 +1,7 @@
 """Checkpoint mechanics as plain functions: atomic save, keep-last-K, checked load, RNG capture.
 
-A checkpoint is one `torch.save`d dict (see `REQUIRED_KEYS`). Files are written to a temporary
+A native checkpoint is one `torch.save`d dict (see `REQUIRED_KEYS`); a Lightning checkpoint
+written through the bridge carries the same learner state under its `"nntrain"` entry. Files are written to a temporary
 file in the target directory, flushed and fsync'd, then renamed over the target with
 `os.replace` and the directory fsync'd, so a crash leaves either the old file or the new one,
 never half of one. `latest_checkpoint` skips (with a warning) a file that does not load.
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ import torch
 __all__ = [
     "CheckpointError",
     "REQUIRED_KEYS",
+    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
+    "is_lightning_checkpoint",
+    "find_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
     "prune_checkpoints",
@@ -31,6 +34,7 @@ __all__ = [
     "set_rng_state",
     "model_mismatch",
     "restore_learner",
+    "check_model",
     "set_grads",
     "apply_subscriber_states",
     "resumed_batches",
@@ -41,18 +45,26 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 """Keys every nntrain checkpoint holds; a file missing one is reported as corrupt."""
 
-PATTERN = "ckpt-*.pt"
-"""Glob matching the files `CheckpointS` writes (and `latest_checkpoint` considers)."""
+PATTERN = "ckpt-*"
+"""Glob matching the files `CheckpointS` writes (and `latest_checkpoint` considers): `.pt` from
+the native engine, `.ckpt` (Lightning checkpoints) from the Lightning engine."""
+
+SUFFIXES = (".pt", ".ckpt")
+
+LIGHTNING_KEYS: tuple[str, ...] = ("state_dict", "nntrain")
+"""Keys a Lightning checkpoint written through the bridge holds (see `is_lightning_checkpoint`)."""
+
+NNTRAIN_ENTRY_KEYS: tuple[str, ...] = ("grads", "global_step", "epoch_offset", "position", "rng")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used: unreadable, truncated, incomplete or for another model."""
 
 
-def checkpoint_name(global_step: int, epoch: int, iter_: int | None) -> str:
+def checkpoint_name(global_step: int, epoch: int, iter_: int | None, suffix: str = ".pt") -> str:
     """File name sorting in training order: by step, then epoch, then batch (`end` after batches)."""
     pos = "end" if iter_ is None else f"b{iter_:07d}"
-    return f"ckpt-s{global_step:010d}-e{epoch:06d}-{pos}.pt"
+    return f"ckpt-s{global_step:010d}-e{epoch:06d}-{pos}{suffix}"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -66,27 +78,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write `state` to `path` atomically (temporary file, fsync, `os.replace`, fsync of the directory)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], commit: bool = True) -> Path:
+    """Make the file at `path` appear whole or not at all: `write(tmp)` writes a temporary file
+    next to it, which is fsync'd and renamed over `path` (`os.replace`), then the directory is
+    fsync'd. `commit=False` (a process that only takes part in a collective write, like a
+    non-zero DDP rank) calls `write` and leaves the file alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
+        write(tmp)
+        if not commit:
+            return path
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if commit:
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
 
 
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` to `path` atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def is_lightning_checkpoint(state: dict[str, Any]) -> bool:
+    """Whether `state` (a loaded checkpoint) is a Lightning checkpoint rather than a native one."""
+    return "pytorch-lightning_version" in state or "state_dict" in state
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`).
+    """Load and check a checkpoint: a native one written by `save_checkpoint`, or a Lightning one
+    written while training a `LearnerModule` (tensors and plain values only: `weights_only=True`).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or lacks a required key.
@@ -97,7 +124,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded (corrupt or truncated?): "
                               f"{type(exc).__name__}: {exc}") from exc
-    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a dict but a {type(state).__name__}")
+    if is_lightning_checkpoint(state):
+        missing = [k for k in LIGHTNING_KEYS if k not in state]
+        if "nntrain" in state:
+            missing += [f"nntrain.{k}" for k in NNTRAIN_ENTRY_KEYS if k not in state["nntrain"]]
+        if missing:
+            raise CheckpointError(f"Lightning checkpoint {path} lacks nntrain's learner state (missing "
+                                  f"{missing}): was it written while training an nntrain learner?")
+        return state
+    missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     return state
@@ -106,7 +143,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """The checkpoint files in `directory`, oldest first (by name, which sorts in training order)."""
     directory = Path(directory)
-    return sorted(directory.glob(PATTERN)) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(PATTERN) if p.suffix in SUFFIXES)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
@@ -174,40 +213,66 @@ def model_mismatch(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> li
 # ----- resuming a learner ----------------------------------------------------------------------
 
 
-def restore_learner(learn: Any, resume: str | os.PathLike) -> dict[str, Any] | None:
-    """Load model, optimizer, gradients and `global_step` from a checkpoint into `learn`.
+def find_checkpoint(learn: Any, resume: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `resume` names, loaded and checked, as `(path, state)`.
 
     Args:
-        learn: the learner to restore.
+        learn: the learner (its `CheckpointS` gives the directory for "last").
         resume: a file, a directory (its newest loadable file), or "last" (the newest in the
             directory of the attached `CheckpointS`).
 
     Returns:
-        The checkpoint (with its `path`), whose subscriber states and RNG the fit applies when it
-        reaches the saved position; None when `resume="last"` finds no checkpoint.
+        None when `resume="last"` finds no checkpoint.
 
     Raises:
-        CheckpointError: unreadable, incomplete, or saved from a model with other keys/shapes.
+        CheckpointError: unreadable or incomplete, or no loadable file in a named directory.
         ValueError: `resume="last"` without a `CheckpointS` attached.
     """
     if resume == "last":
         dirs = [sub.dir for sub in learn.subs if getattr(sub, "is_checkpointer", False)]
         if not dirs:
             raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
-        found = latest_checkpoint(dirs[0])
-        if found is None:
-            return None
-        path, state = found
-    elif os.path.isdir(resume):
+        return latest_checkpoint(dirs[0])
+    if os.path.isdir(resume):
         found = latest_checkpoint(resume)
         if found is None:
             raise CheckpointError(f"no loadable checkpoint in {resume}")
-        path, state = found
-    else:
-        path, state = resume, load_checkpoint(resume)
-    problems = model_mismatch(learn.model, state["model"])
+        return found
+    return Path(resume), load_checkpoint(resume)
+
+
+def check_model(learn: Any, path: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
+    """Raise a `CheckpointError` listing the keys and shapes in which `weights` (from the file at
+    `path`) differ from `learn.model`'s."""
+    problems = model_mismatch(learn.model, weights)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
+
+
+def restore_learner(learn: Any, resume: str | os.PathLike) -> dict[str, Any] | None:
+    """Load model, optimizer, gradients and `global_step` from a native checkpoint into `learn`.
+
+    Args:
+        learn: the learner to restore.
+        resume: as for `find_checkpoint`.
+
+    Returns:
+        The checkpoint (with its `path`), whose subscriber states and RNG the fit applies when it
+        reaches the saved position; None when `resume="last"` finds no checkpoint.
+
+    Raises:
+        CheckpointError: unreadable, incomplete, written by the Lightning engine, or saved from a
+            model with other keys/shapes.
+        ValueError: `resume="last"` without a `CheckpointS` attached.
+    """
+    found = find_checkpoint(learn, resume)
+    if found is None:
+        return None
+    path, state = found
+    if is_lightning_checkpoint(state):
+        raise CheckpointError(f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
+                              f"resume=...), which hands it to the Trainer as ckpt_path")
+    check_model(learn, path, state["model"])
     learn.model.load_state_dict(state["model"])
     if state["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
         learn.opt.load_state_dict(state["optimizer"])

@@ -19,8 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from nntrain.checkpoint import rng_state, set_rng_state
+
 __all__ = [
     "DataLoaders",
+    "ResumableDataLoader",
     "TensorPairDataset",
     "pre_batched_collate",
     "hf_ds_collate_fn",
@@ -54,6 +57,57 @@ class TensorPairDataset(Dataset):
         """The batch at `indices` as `(x[indices], y[indices])`: called by DataLoader's fetcher."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x[idx], self.y[idx]
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` that can continue an epoch where a checkpoint left it.
+
+    It follows the `state_dict()` / `load_state_dict()` protocol Lightning uses for resumable
+    loaders, so a Lightning checkpoint taken inside an epoch carries its position. The state is
+    the RNG state the epoch's randomness (shuffle order, worker seeds) was drawn from and the
+    number of batches served; after `load_state_dict`, the next iteration redraws that same
+    order and skips (fetches and drops) the batches already served.
+
+    The epoch's randomness is drawn at the first batch, not at `iter()`: with nothing in
+    between, that is the same draw as a plain `DataLoader`'s. Construct it like a `DataLoader`;
+    `DataLoaders.from_hf_dd` makes its training loader one.
+    """
+
+    _epoch_rng: dict[str, Any] | None = None  # RNG state the current epoch's order was drawn from
+    _served: int = 0  # batches of the current epoch handed out
+    _pending: dict[str, Any] | None = None  # a loaded state the next iteration continues from
+    resumed_at: int = 0
+    """Batches the latest iteration skips because a loaded state had served them (0: a fresh epoch)."""
+
+    def __iter__(self) -> Any:
+        pending, self._pending = self._pending, None
+        self.resumed_at = 0 if pending is None else pending["served"]
+        return self._serve(pending)
+
+    def _serve(self, pending: dict[str, Any] | None) -> Any:
+        if pending is not None:
+            set_rng_state(pending["epoch_rng"])
+        self._epoch_rng, self._served = rng_state(), 0
+        batches = super().__iter__()
+        skip = 0 if pending is None else pending["served"]
+        for _ in range(skip):
+            next(batches)
+        self._served = skip
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current epoch is: its RNG state and the batches served (`served` 0 between
+        epochs, when the next iteration starts a fresh epoch)."""
+        done = self._epoch_rng is None or (hasattr(self, "__len__") and self._served >= len(self))
+        return {"epoch_rng": None if done else self._epoch_rng, "served": 0 if done else self._served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration continue the epoch described by `state` (from `state_dict`)."""
+        if set(state) != {"epoch_rng", "served"}:
+            raise ValueError(f"not a ResumableDataLoader state: keys {sorted(state)}")
+        self._pending = state if state["served"] > 0 else None
 
 
 def pre_batched_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +290,7 @@ class DataLoaders:
             train_ds = dd[train_name].select_columns([x_col, y_col])
             valid_ds = dd[valid_name].select_columns([x_col, y_col])
             collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
-        train = DataLoader(train_ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        train = ResumableDataLoader(train_ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                            drop_last=drop_last, collate_fn=collate_fn, generator=generator)
         valid = DataLoader(valid_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                            collate_fn=collate_fn)

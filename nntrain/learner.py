@@ -343,7 +343,8 @@ class Learner:
             resume: continue exactly from a checkpoint: a file, a directory (its newest loadable
                 file), or "last" (the newest in the attached `CheckpointS`'s directory; with none
                 on disk the fit starts from the beginning). `epochs` is the total: a run meant
-                for 3 epochs resumes with `fit(3, resume=...)`.
+                for 3 epochs resumes with `fit(3, resume=...)`. On the Lightning engine a
+                Lightning checkpoint goes to the Trainer as `ckpt_path` (see `fit_lightning`).
 
         Returns:
             None natively; the `lightning.Trainer` on the Lightning engine.

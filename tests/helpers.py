@@ -28,9 +28,14 @@ def tiny_data(n: int = 96, n_in: int = 8, n_out: int = 3, seed: int = 0) -> Tens
     return TensorDataset(x, y)
 
 
-def tiny_dls(n_train: int = 96, n_valid: int = 32, bs: int = 16, shuffle: bool = True, seed: int = 0):
-    """Train/valid loaders over `tiny_data`; shuffling draws from torch's global RNG."""
-    train = DataLoader(tiny_data(n_train, seed=seed), batch_size=bs, shuffle=shuffle)
+def tiny_dls(n_train: int = 96, n_valid: int = 32, bs: int = 16, shuffle: bool = True, seed: int = 0,
+             resumable: bool = False):
+    """Train/valid loaders over `tiny_data`; shuffling draws from torch's global RNG. `resumable`:
+    the train loader is a `ResumableDataLoader` (same batches, and it can continue an epoch)."""
+    from nntrain.data import ResumableDataLoader
+
+    train = (ResumableDataLoader if resumable else DataLoader)(tiny_data(n_train, seed=seed), batch_size=bs,
+                                                               shuffle=shuffle)
     valid = DataLoader(tiny_data(n_valid, seed=seed + 1), batch_size=bs)
     return SimpleNamespace(train=train, valid=valid)
 

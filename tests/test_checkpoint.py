@@ -41,11 +41,12 @@ def dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
 
-def make(*subs: Subscriber) -> tuple[Learner, MetricsS]:
-    """A MomentumLearner (gradients are state) on shuffled data with Dropout (RNG is state)."""
+def make(*subs: Subscriber, resumable: bool = False) -> tuple[Learner, MetricsS]:
+    """A MomentumLearner (gradients are state) on shuffled data with Dropout (RNG is state);
+    `resumable`: its train loader is a ResumableDataLoader (same batches)."""
     metrics = MetricsS(accuracy=MulticlassAccuracy(), fn_acc=batch_accuracy, flush_every=4)
     metrics.output = lambda row: None
-    learn = MomentumLearner(dropout_model(), tiny_dls(), F.cross_entropy, torch.optim.SGD, lr=0.1,
+    learn = MomentumLearner(dropout_model(), tiny_dls(resumable=resumable), F.cross_entropy, torch.optim.SGD, lr=0.1,
                             subs=[metrics, *subs], mom=0.85)
     return learn, metrics
 
@@ -303,12 +304,6 @@ def test_resume_from_a_corrupt_file_names_it(tmp_path):
     learn, _ = make()
     with pytest.raises(CheckpointError, match="ckpt-s1.pt"):
         learn.fit(1, resume=bad)
-
-
-def test_checkpoint_s_is_rejected_by_the_bridge(tmp_path):
-    learn, _ = make(CheckpointS(tmp_path))
-    with pytest.raises(ValueError, match="CheckpointS supports the engines"):
-        learn.fit(1, engine="lightning")
 
 
 def test_a_loader_yielding_bare_tensors_names_the_expected_pair():

@@ -9,7 +9,17 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from nntrain.data import DataLoaders, TensorPairDataset, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
+from torch.utils.data import DataLoader
+
+from nntrain.data import (
+    DataLoaders,
+    ResumableDataLoader,
+    TensorPairDataset,
+    digits_dataset_dict,
+    hf_ds_collate_fn,
+    load_dataset_dict,
+)
+from tests.helpers import tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +288,44 @@ def test_images_of_different_sizes_are_refused():
     dd = image_dd([np.zeros((8, 8), np.uint8), np.zeros((4, 4), np.uint8)], [0, 1])
     with pytest.raises(ValueError, match=r"different shapes \[\(4, 4, 1\), \(8, 8, 1\)\]; resize them"):
         DataLoaders.from_hf_dd(dd, 2)
+
+
+# ----- ResumableDataLoader ----------------------------------------------------------------------
+
+
+def test_resumable_dataloader_serves_a_plain_loaders_batches_and_continues_an_epoch_from_its_state():
+    ds = tiny_data(40)
+    torch.manual_seed(5)
+    plain = [b[1].tolist() for b in DataLoader(ds, batch_size=8, shuffle=True)]
+    torch.manual_seed(5)
+    dl = ResumableDataLoader(ds, batch_size=8, shuffle=True)
+    assert dl.state_dict() == {"epoch_rng": None, "served": 0}  # nothing served yet
+    it = iter(dl)
+    first = [next(it)[1].tolist() for _ in range(2)]
+    state = dl.state_dict()
+    assert first == plain[:2] and state["served"] == 2
+
+    torch.manual_seed(77)  # the state's RNG state wins over this
+    other = ResumableDataLoader(ds, batch_size=8, shuffle=True)
+    other.load_state_dict(state)
+    rest = [b[1].tolist() for b in other]
+    assert other.resumed_at == 2 and rest == plain[2:]
+    assert other.state_dict() == {"epoch_rng": None, "served": 0}  # the epoch is over
+    again = [b[1].tolist() for b in other]  # a fresh epoch: the whole set, no skip
+    assert other.resumed_at == 0 and len(again) == 5 and sorted(sum(again, [])) == sorted(sum(plain, []))
+
+
+def test_resumable_dataloader_draws_the_epoch_order_at_the_first_batch_and_checks_states():
+    dl = ResumableDataLoader(tiny_data(40), batch_size=8, shuffle=True)
+    torch.manual_seed(1)
+    iter(dl)  # draws nothing yet
+    after_iter = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after_iter, torch.rand(1))
+    with pytest.raises(ValueError, match="not a ResumableDataLoader state"):
+        dl.load_state_dict({"position": 3})
+
+
+def test_from_hf_dd_makes_a_resumable_train_loader():
+    dls = DataLoaders.from_hf_dd(digits_dataset_dict(), batch_size=64)
+    assert isinstance(dls.train, ResumableDataLoader) and type(dls.valid) is DataLoader

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nntrain.checkpoint import checkpoint_name, prune_checkpoints, rng_state, save_checkpoint
+from nntrain.checkpoint import atomic_write, checkpoint_name, prune_checkpoints, rng_state, save_checkpoint
 from nntrain.learner import Subscriber
 
 __all__ = ["CheckpointS", "NonFiniteWeightsError"]
@@ -23,7 +23,7 @@ class NonFiniteWeightsError(FloatingPointError):
 
 
 class CheckpointS(Subscriber):
-    """Saves everything a resumed fit needs to continue bit for bit (native engine).
+    """Saves everything a resumed fit needs to continue bit for bit, on either engine.
 
     A checkpoint holds the model, the optimizer state, the gradients (`MomentumLearner` keeps
     `mom * grad` between batches), `global_step`, the position (epoch, and the last trained batch
@@ -42,6 +42,14 @@ class CheckpointS(Subscriber):
     CPU; `save_on_interrupt=False` turns both off.)
     Weights holding NaN/inf are never written (`NonFiniteWeightsError`).
 
+    Under Lightning the files are Lightning checkpoints (`ckpt-*.ckpt`, written by
+    `trainer.save_checkpoint`, then made atomic the same way), which `fit(engine="lightning",
+    resume=...)` hands to the Trainer as `ckpt_path`; the learner state Lightning does not keep
+    goes in through `LearnerModule.on_save_checkpoint`. Two differences: a batch save that falls
+    on an epoch's last training batch is written at that epoch's end instead (Lightning would
+    resume it without the epoch's validation pass), and no interrupt checkpoint is written
+    (Lightning handles Ctrl-C itself: cleanups run, then it exits with status 1).
+
     Args:
         dir: the directory for `ckpt-*.pt` files (made if missing).
         every_epochs: epochs between end-of-epoch checkpoints (None: none).
@@ -51,7 +59,7 @@ class CheckpointS(Subscriber):
     """
 
     order = 1000  # last: every other subscriber's after_batch/after_epoch has run when we save
-    engines = ("native",)
+    engines = ("native", "lightning")
     is_checkpointer = True
 
     def __init__(self, dir: str | os.PathLike, every_epochs: int | None = 1, every_batches: int | None = None,
@@ -70,12 +78,13 @@ class CheckpointS(Subscriber):
         # valid until the next training batch starts (validation changes no training state)
         self._boundary: tuple | None = None
         self._saved_here = False  # the newest checkpoint is the current state
+        self._save_at_epoch_end = False  # Lightning: a batch save moved to the epoch's end
 
     # ----- events --------------------------------------------------------------------------------
 
     def before_fit(self, learn: Any) -> None:
         """Nothing saved yet in this fit."""
-        self._boundary, self._saved_here = None, False
+        self._boundary, self._saved_here, self._save_at_epoch_end = None, False, False
 
     def before_epoch(self, learn: Any) -> None:
         """Capture the RNG state at the start of a training pass (the loader draws its order from it)."""
@@ -92,9 +101,13 @@ class CheckpointS(Subscriber):
         """Save every `every_batches` training batches; remember the clean point for an interrupt."""
         if not learn.model.training:
             return
+        lightning = learn.engine.name == "lightning"
         if self.every_batches is not None and learn.global_step % self.every_batches == 0:
-            self.save(learn, learn.iter)
-        elif self.save_on_interrupt:
+            if lightning and learn.iter + 1 >= len(learn.dl):
+                self._save_at_epoch_end = True
+            else:
+                self.save(learn, learn.iter)
+        elif self.save_on_interrupt and not lightning:
             # what an interrupt before the next batch saves: taken now, because the cleanups that
             # run before cleanup_fit (MetricsS drops its buffer) change subscriber state
             self._boundary = (learn.epoch, learn.iter, rng_state(), _subscriber_states(learn.subs),
@@ -103,14 +116,17 @@ class CheckpointS(Subscriber):
     def after_epoch(self, learn: Any) -> None:
         """Save at the end of every `every_epochs`-th epoch (after validation, if any)."""
         ends_epoch = not learn.model.training or not learn.fit_valid
-        if ends_epoch and self.every_epochs is not None and (learn.epoch + 1) % self.every_epochs == 0:
+        if not ends_epoch:
+            return
+        if self._save_at_epoch_end or (self.every_epochs is not None and (learn.epoch + 1) % self.every_epochs == 0):
+            self._save_at_epoch_end = False
             self.save(learn, None)
 
     def cleanup_fit(self, learn: Any) -> None:
         """On a KeyboardInterrupt outside a training batch, save the last training batch completed
         (then the interrupt propagates)."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt:
+        if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt and learn.engine.name == "native":
             if self._boundary is not None:
                 epoch, iter_, rng, subs, epoch_rng = self._boundary
                 self.save(learn, iter_, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
@@ -137,8 +153,28 @@ class CheckpointS(Subscriber):
                 f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step}: no checkpoint "
                 f"written; the last good one is {self.saved[-1] if self.saved else 'none from this fit'}")
         self._boundary, self._saved_here = None, True
+        if learn.engine.name == "lightning":
+            path = self._save_lightning(learn, epoch, iter_)
+        else:
+            path = save_checkpoint(self._native_state(learn, epoch, iter_, rng, subs, epoch_rng),
+                                   self.dir / checkpoint_name(learn.global_step, epoch, iter_))
+        self.saved = [p for p in self.saved if p != path] + [path]
+        if learn.engine.name == "native" or learn.engine.module.trainer.is_global_zero:
+            for gone in prune_checkpoints(self.dir, self.keep):
+                if gone in self.saved:
+                    self.saved.remove(gone)
+        return path
+
+    def _save_lightning(self, learn: Any, epoch: int, iter_: int | None) -> Path:
+        """A Lightning checkpoint through the Trainer (every rank takes part; rank 0 writes)."""
+        trainer = learn.engine.module.trainer
+        name = checkpoint_name(learn.global_step, epoch, iter_, suffix=".ckpt")
+        return atomic_write(self.dir / name, trainer.save_checkpoint, commit=trainer.is_global_zero)
+
+    def _native_state(self, learn: Any, epoch: int, iter_: int | None, rng: dict | None, subs: dict | None,
+                      epoch_rng: dict | None) -> dict[str, Any]:
         opt = learn.opt
-        state = {
+        return {
             "format": FORMAT,
             "model": learn.model.state_dict(),
             "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None,
@@ -149,12 +185,6 @@ class CheckpointS(Subscriber):
             "epoch_rng": None if iter_ is None else epoch_rng if epoch_rng is not None else self._epoch_rng,
             "subs": subs if subs is not None else _subscriber_states(learn.subs),
         }
-        path = save_checkpoint(state, self.dir / checkpoint_name(learn.global_step, epoch, iter_))
-        self.saved = [p for p in self.saved if p != path] + [path]
-        for gone in prune_checkpoints(self.dir, self.keep):
-            if gone in self.saved:
-                self.saved.remove(gone)
-        return path
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch-start RNG state, so checkpoints later in a resumed epoch can still reproduce it."""
