@@ -11,7 +11,7 @@ from torch import nn
 
 from nntrain.adapters.callbacks import SubscriberCallback
 from nntrain.adapters.module import CHECKPOINT_KEY, LearnerModule
-from nntrain.checkpoint import check_model, find_checkpoint, is_lightning_checkpoint
+from nntrain.checkpoint import check_model, find_checkpoint, is_lightning_checkpoint, restore_learner_from
 from nntrain.learner import Learner, Subscriber
 
 __all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -177,7 +177,7 @@ def _resume(module: LearnerModule, resume: Any, train: bool) -> str | None:
                 "it a nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or resume from a "
                 "checkpoint taken at an epoch's end")
         return str(path)
-    state = learn.load_checkpoint(path)
+    state = restore_learner_from(learn, path, state)
     pos = state["position"]
     if pos["iter"] is not None and not train:
         raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")

@@ -34,6 +34,7 @@ __all__ = [
     "set_rng_state",
     "model_mismatch",
     "restore_learner",
+    "restore_learner_from",
     "check_model",
     "set_grads",
     "apply_subscriber_states",
@@ -266,9 +267,11 @@ def restore_learner(learn: Any, resume: str | os.PathLike) -> dict[str, Any] | N
         ValueError: `resume="last"` without a `CheckpointS` attached.
     """
     found = find_checkpoint(learn, resume)
-    if found is None:
-        return None
-    path, state = found
+    return None if found is None else restore_learner_from(learn, *found)
+
+
+def restore_learner_from(learn: Any, path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
+    """`restore_learner` for a native checkpoint already loaded (`state`, read from `path`)."""
     if is_lightning_checkpoint(state):
         raise CheckpointError(f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
                               f"resume=...), which hands it to the Trainer as ckpt_path")
