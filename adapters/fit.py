@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nntrain.adapters.callbacks import SubscriberCallback
-from nntrain.adapters.module import CHECKPOINT_KEY, LearnerModule
+from nntrain.adapters.module import CHECKPOINT_KEY, LearnerModule, loader_cannot_resume
 from nntrain.checkpoint import check_model, find_checkpoint, is_lightning_checkpoint, restore_learner_from
 from nntrain.learner import Learner, Subscriber
 
@@ -119,7 +119,6 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     learn.add_subs(subs)
     try:
         learn.prepare_fit(epochs, lr)
-        learn.fit_valid = valid
         module, callbacks = to_lightning(learn, subs=(), train=train)
         ckpt_path = _resume(module, resume, train) if resume is not None else None
         options = trainer_defaults(device or model_device(learn.model))
@@ -165,22 +164,17 @@ def _resume(module: LearnerModule, resume: Any, train: bool) -> str | None:
     if is_lightning_checkpoint(state):
         prefix = "model."
         check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
-        entry = state[CHECKPOINT_KEY]
-        module.epoch_offset = entry["epoch_offset"]
-        pos = entry["position"]
-        if pos["iter"] is not None and not train:
-            raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
-        if pos["iter"] is not None and not hasattr(learn.dls.train, "load_state_dict"):
-            raise ValueError(
-                f"checkpoint {path} was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}), "
-                f"but the training loader ({type(learn.dls.train).__name__}) cannot continue an epoch: make "
-                "it a nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or resume from a "
-                "checkpoint taken at an epoch's end")
-        return str(path)
-    state = restore_learner_from(learn, path, state)
-    pos = state["position"]
+    lightning = is_lightning_checkpoint(state)
+    pos = state[CHECKPOINT_KEY]["position"] if lightning else state["position"]
     if pos["iter"] is not None and not train:
         raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
-    module.resume_state = state
+    if lightning:
+        prefix = "model."
+        check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
+        if pos["iter"] is not None and not hasattr(learn.dls.train, "load_state_dict"):
+            raise loader_cannot_resume(f"checkpoint {path}", pos, learn.dls.train)
+        module.epoch_offset = state[CHECKPOINT_KEY]["epoch_offset"]
+        return str(path)
+    module.resume_state = restore_learner_from(learn, path, state)
     module.epoch_offset = pos["epoch"] + (pos["iter"] is None)  # the Trainer's epoch 0
     return None

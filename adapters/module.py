@@ -35,6 +35,16 @@ CHECKPOINT_KEY = "nntrain"
 CHECKPOINT_FORMAT = 1
 
 
+def loader_cannot_resume(what: str, pos: dict[str, Any], loader: Any, note: str = "") -> ValueError:
+    """The error for a checkpoint taken inside an epoch whose training loader cannot continue it."""
+    return ValueError(
+        f"{what} was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}), but the "
+        f"training loader ({type(loader).__name__}) cannot continue an epoch{note}: make it a "
+        "nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or resume from a checkpoint "
+        "taken at an epoch's end"
+    )
+
+
 class Flow:
     """Cancellation state shared by the module and the subscriber callbacks of one fit.
 
@@ -163,6 +173,7 @@ class LearnerModule(L.LightningModule):
         learn.engine = LightningEngine(self)
         learn.n_epochs = self.epoch_offset + self.trainer.max_epochs
         learn.epochs = range(learn.n_epochs)
+        learn.fit_valid = bool(self.trainer.limit_val_batches)  # whether epochs have a validation pass
         # The in-step events go to exactly the subscribers bridged into this Trainer.
         from nntrain.adapters.callbacks import SubscriberCallback
 
@@ -271,13 +282,8 @@ class LearnerModule(L.LightningModule):
         loader = self.trainer.train_dataloader
         skip = getattr(loader, "resumed_at", None)
         if skip != pos["iter"] + 1:
-            raise ValueError(
-                f"the checkpoint was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}), "
-                f"but the training loader ({type(loader).__name__}) cannot continue an epoch"
-                + ("" if skip is None else f" (it would skip {skip} batches, not {pos['iter'] + 1})")
-                + ": make it a nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or "
-                "resume from a checkpoint taken at an epoch's end"
-            )
+            note = "" if skip is None else f" (it would skip {skip} batches, not {pos['iter'] + 1})"
+            raise loader_cannot_resume("the checkpoint", pos, loader, note)
 
     def _finish_saved_epoch(self, epoch: int) -> None:
         """Lightning resumes a checkpoint taken after an epoch's last training batch at the next

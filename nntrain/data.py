@@ -82,14 +82,13 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Any:
         pending, self._pending = self._pending, None
         self.resumed_at = 0 if pending is None else pending["served"]
-        return self._serve(pending)
+        return self._serve(None if pending is None else pending["epoch_rng"], self.resumed_at)
 
-    def _serve(self, pending: dict[str, Any] | None) -> Any:
-        if pending is not None:
-            set_rng_state(pending["epoch_rng"])
+    def _serve(self, epoch_rng: dict[str, Any] | None, skip: int) -> Any:
+        if epoch_rng is not None:
+            set_rng_state(epoch_rng)
         self._epoch_rng, self._served = rng_state(), 0
         batches = super().__iter__()
-        skip = 0 if pending is None else pending["served"]
         for _ in range(skip):
             next(batches)
         self._served = skip

@@ -214,3 +214,18 @@ def test_sigkill_under_lightning_then_resume_past_a_truncated_newest_file(tmp_pa
     with pytest.warns(RuntimeWarning, match=f"skipping unusable checkpoint .*{names[-1]}"):
         quiet_fit(learn, resume="last")
     assert_same(learn, metrics, refs[True])
+
+
+def test_checkpoint_s_in_an_own_trainer_saves_at_epoch_ends_and_resumes(tmp_path, refs):
+    learn, _ = make(CheckpointS(tmp_path), StopAt(1, 0, event="before_batch"), resumable=True)
+    module, callbacks = to_lightning(learn)
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=callbacks, **trainer_defaults(torch.device("cpu")))
+    torch.manual_seed(123)
+    trainer.fit(module)  # learn.fit_valid comes from the Trainer, not from fit_lightning
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-s0000000006-e000000-end.ckpt"]
+    learn, metrics = make(resumable=True)
+    module, callbacks = to_lightning(learn)
+    trainer = L.Trainer(max_epochs=EPOCHS, callbacks=callbacks, **trainer_defaults(torch.device("cpu")))
+    torch.manual_seed(999)
+    trainer.fit(module, ckpt_path=list_checkpoints(tmp_path)[0])
+    assert_same(learn, metrics, refs[True])
