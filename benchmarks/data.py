@@ -1,4 +1,4 @@
-"""Data-loading throughput: the seed's per-item collate vs the batched `from_hf_dd` vs a device-resident loader.
+"""Data-loading throughput: the seed's per-item collate vs the batched `from_hf_dd` (vs a plain DataLoader) vs a device-resident loader.
 
     python -m benchmarks.data [--quick] [--device cpu|cuda] [--out DIR]
 
@@ -19,14 +19,18 @@ import torch
 
 from benchmarks.common import (base_parser, env_info, markdown_table, median, report, setup_device, spread,
                                sync, target_line)
-from nntrain.data import DataLoaders, digits_dataset_dict
+from torch.utils.data import DataLoader
+
+from nntrain.data import DataLoaders, digits_dataset_dict, pre_batched_collate
 
 SEED = 0
 BATCH = 64
 SAMPLES = 60_000
 SAMPLES_QUICK = 2_048
 REPEATS = 7
-LOOPS = ("per_item", "batched", "device")
+LOOPS = ("per_item", "batched", "plain", "device")
+"""`batched` is `from_hf_dd`'s train loader (a `ResumableDataLoader`); `plain` is a torch `DataLoader`
+with the same arguments over the same tensors, to show what resumability costs."""
 
 
 class DeviceLoader:
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup["batched"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ds = loaders["batched"].dataset  # reuse its decoded tensors: the device copy is the only extra
+    loaders["plain"] = DataLoader(ds, BATCH, shuffle=True, collate_fn=pre_batched_collate)
+    setup["plain"] = setup["batched"]
     loaders["device"] = DeviceLoader(ds.x.to(device), ds.y.to(device), BATCH)
     sync(device)
     setup["device"] = setup["batched"] + time.perf_counter() - t0
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     targets = [
         target_line("batched vs per_item samples/s", ">= 50x", f"{by['batched']['ratio_to_per_item']:.1f}x",
                     by["batched"]["ratio_to_per_item"] >= 50),
+        target_line("batched (ResumableDataLoader) vs plain DataLoader samples/s", "(reported)",
+                    f"{by['batched']['samples_per_s'] / by['plain']['samples_per_s']:.3f}x", None),
         target_line("device vs per_item samples/s", "(reported)", f"{by['device']['ratio_to_per_item']:.1f}x", None),
     ]
     headers = ["workload", "loader", "batch", "samples/s", "IQR samples/s", "µs/batch", "× per_item", "set-up s"]
