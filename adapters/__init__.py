@@ -1,22 +1,30 @@
 """The Lightning bridge, imported as `nntrain.adapters`: the only package that imports Lightning.
 
-`to_lightning(learn)` gives a `LearnerModule` and one `SubscriberCallback` per subscriber for a
-Trainer you build; `learn.fit(epochs, engine="lightning", **trainer_kwargs)` does it for you.
+`to_lightning(learn)` gives a `LearnerModule` and the one `LearnerCallback` that runs the
+learner's subscribers, for a Trainer you build; `learn.fit(epochs, engine="lightning",
+**trainer_kwargs)` does it for you. `HOOK_TABLE` is the whole Lightning-to-nntrain mapping.
 """
 
-from nntrain.adapters.callbacks import HOOK_TABLE, SubscriberCallback
-from nntrain.adapters.fit import UNSUPPORTED_TRAINER_OPTIONS, fit_lightning, model_device, to_lightning, trainer_defaults
-from nntrain.adapters.module import ForeignOptimizer, LearnerModule, LightningEngine
+from nntrain.adapters.callback import HOOK_TABLE, STEP_TABLE, LearnerCallback, hook_table_markdown
+from nntrain.adapters.engine import REFUSED_CALLBACKS, LightningEngine
+from nntrain.adapters.fit import (UNSUPPORTED_TRAINER_OPTIONS, evaluate_lightning, fit_lightning, model_device,
+                                  predict_lightning, to_lightning, trainer_defaults)
+from nntrain.adapters.module import ForeignOptimizer, LearnerModule
 
 __all__ = [
     "HOOK_TABLE",
-    "SubscriberCallback",
+    "STEP_TABLE",
+    "LearnerCallback",
     "LearnerModule",
     "LightningEngine",
     "ForeignOptimizer",
+    "REFUSED_CALLBACKS",
     "to_lightning",
     "fit_lightning",
+    "evaluate_lightning",
+    "predict_lightning",
     "trainer_defaults",
     "model_device",
+    "hook_table_markdown",
     "UNSUPPORTED_TRAINER_OPTIONS",
 ]

@@ -1,4 +1,5 @@
-"""Entry points: `to_lightning` for your own Trainer, `fit_lightning` behind `learn.fit(engine="lightning")`."""
+"""Entry points: `to_lightning` for your own Trainer, `fit_lightning` behind `learn.fit(engine="lightning")`,
+`evaluate_lightning` and `predict_lightning` behind `learn.evaluate` / `learn.get_preds(engine="lightning")`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from nntrain.adapters.callbacks import SubscriberCallback
-from nntrain.adapters.module import CHECKPOINT_KEY, LearnerModule, loader_cannot_resume
-from nntrain.checkpoint import check_model, find_checkpoint, is_lightning_checkpoint, restore_learner_from
-from nntrain.learner import Learner, Subscriber
+from nntrain.adapters.callback import LearnerCallback
+from nntrain.adapters.module import LearnerModule
+from nntrain.checkpoint import ResumePlan
+from nntrain.learner import Learner, Subscriber, collate_preds, subscriber_engines
 
-__all__ = ["to_lightning", "fit_lightning", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
+__all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
+           "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
 UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
     "accumulate_grad_batches": "the learner steps the optimizer itself (manual optimization); accumulate "
@@ -26,32 +28,35 @@ UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
 }
 
 
-def _bridgeable(subs: Sequence[Subscriber]) -> tuple[list[Subscriber], torch.device | None]:
-    """The subscribers that run under Lightning, and the device a DeviceS asked for.
+def _bridgeable(subs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The subscribers that run under Lightning, and what the subscribers ask of an engine that
+    does their job itself (`engine_needs()`: a device, a TensorBoard directory).
 
     Raises:
-        ValueError: a subscriber that cannot run under Lightning.
+        ValueError: a subscriber that cannot run under Lightning and asks nothing of it.
     """
-    kept, device = [], None
+    kept, needs = [], {}
     for sub in subs:
-        if "lightning" in sub.engines:
+        engine_needs = getattr(sub, "engine_needs", None)
+        if callable(engine_needs):
+            needs.update(engine_needs())
+        if "lightning" in subscriber_engines(sub):
             kept.append(sub)
-        elif hasattr(sub, "device") and type(sub).__name__ == "DeviceS":
-            device = sub.device  # Lightning places model and batches itself
-        else:
+        elif not callable(engine_needs):
             raise ValueError(
-                f"{type(sub).__name__} supports the engines {sub.engines} only; remove it from the "
+                f"{type(sub).__name__} supports the engines {subscriber_engines(sub)} only; remove it from the "
                 f"learner's subs or fit with engine='native'"
             )
-    return kept, device
+    return kept, needs
 
 
 def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = True
-                 ) -> tuple[LearnerModule, list[SubscriberCallback]]:
-    """A LightningModule for `learn` and one Callback per subscriber (the learner's plus `subs`),
-    sorted by `order`, for a Trainer you build yourself.
+                 ) -> tuple[LearnerModule, list[LearnerCallback]]:
+    """A LightningModule for `learn` and the one Callback that runs its subscribers (the
+    learner's plus `subs`), for a Trainer you build yourself: `trainer.fit`, `validate`,
+    `test` and `predict` then run the learner as natively.
 
-    Add your own Lightning callbacks next to them; set `num_sanity_val_steps=0` to keep the
+    Add your own Lightning callbacks next to it; set `num_sanity_val_steps=0` to keep the
     random number stream the same as a native run. `trainer.fit(module, ckpt_path=...)` resumes
     from a checkpoint of such a fit exactly (inside an epoch, the training loader must be a
     `ResumableDataLoader`).
@@ -59,8 +64,8 @@ def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = 
     if not isinstance(learn.model, nn.Module):
         raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
     kept, _ = _bridgeable([*learn.subs, *subs])
-    callbacks = [SubscriberCallback(sub, i) for i, sub in enumerate(sorted(kept, key=lambda s: s.order))]
-    return LearnerModule(learn, train=train), callbacks
+    module = LearnerModule(learn, train=train)
+    return module, [LearnerCallback(module, kept)]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -85,6 +90,27 @@ def trainer_defaults(device: torch.device) -> dict[str, Any]:
     )
 
 
+def _options(learn: Learner, needs: dict[str, Any], trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`trainer_defaults` for the learner, turned on where the user's callbacks need it, then the
+    user's options."""
+    from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
+
+    options = trainer_defaults(needs.get("device") or model_device(learn.model))
+    callbacks = list(trainer_kwargs.get("callbacks") or [])
+    if any(isinstance(cb, Checkpoint) for cb in callbacks):
+        options["enable_checkpointing"] = True
+    if any(isinstance(cb, ProgressBar) for cb in callbacks):
+        options["enable_progress_bar"] = True
+    if "logger" not in trainer_kwargs:
+        tb = _tensorboard_logger(needs)
+        if tb is not None:
+            options["logger"] = tb
+        elif any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
+            options["logger"] = True  # Lightning's default logger
+    options.update({k: v for k, v in trainer_kwargs.items() if k != "callbacks"})
+    return options
+
+
 def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool = True,
                   subs: Sequence[Subscriber] = (), lr: float | None = None, resume: Any = None,
                   **trainer_kwargs: Any) -> L.Trainer:
@@ -92,11 +118,12 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
 
     With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
     at the same place, and `TensorBoardS` writes its run through it (one event file per run).
+    Callbacks that need checkpointing, a progress bar or a logger get them turned on.
 
     `resume` (as in `Learner.fit`: a file, a directory, or "last") names a checkpoint:
     - a Lightning checkpoint (from `CheckpointS` on this engine, or a `ModelCheckpoint`) goes to
-      `trainer.fit(ckpt_path=...)`: Lightning restores weights, optimizer, loops, subscriber
-      states and a `ResumableDataLoader`'s position; `LearnerModule` restores the rest;
+      `trainer.fit(ckpt_path=...)`: Lightning restores weights, optimizer, loops and a
+      `ResumableDataLoader`'s position; the learner state comes from its "nntrain" entry;
     - a native checkpoint: the learner loads it and the Trainer's epoch 0 is the checkpoint's
       epoch (inside it, the batches already trained are fetched and run no step and fire no
       event) or the next one.
@@ -115,66 +142,79 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
                              f"nntrain bridge: {why}")
     if not isinstance(learn.model, nn.Module):
         raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
-    _, device = _bridgeable([*learn.subs, *subs])
+    _, needs = _bridgeable([*learn.subs, *subs])
     learn.add_subs(subs)
     try:
         learn.prepare_fit(epochs, lr)
         module, callbacks = to_lightning(learn, subs=(), train=train)
-        ckpt_path = _resume(module, resume, train) if resume is not None else None
-        options = trainer_defaults(device or model_device(learn.model))
+        plan = ResumePlan.restore(learn, resume, train, lightning_ok=True) if resume is not None else None
+        ckpt_path = None
+        offset = 0
+        if plan is not None:
+            offset = plan.epoch_offset if plan.lightning else plan.start_epoch
+            if plan.lightning:
+                if plan.inside_epoch and not hasattr(learn.dls.train, "load_state_dict"):
+                    from nntrain.adapters.module import loader_cannot_resume
+
+                    raise loader_cannot_resume(f"checkpoint {plan.path}", {"epoch": plan.epoch, "iter": plan.iter},
+                                               learn.dls.train)
+                ckpt_path = plan.path  # Lightning loads it; on_load_checkpoint makes the plan again
+            else:
+                plan.epoch_offset = offset
+                learn.resume_plan = plan
+        options = _options(learn, needs, trainer_kwargs)
         if not valid:
             options["limit_val_batches"] = 0
         if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none
             options["limit_train_batches"] = 1
-        user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-        options.update(trainer_kwargs)
-        if "logger" not in trainer_kwargs:
-            options["logger"] = _tensorboard_logger(learn.subs) or False
-        trainer = L.Trainer(max_epochs=max(epochs - module.epoch_offset, 0),
-                            callbacks=[*callbacks, *user_callbacks], **options)
+        user_callbacks = list(trainer_kwargs.get("callbacks") or [])
+        trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **options)
         trainer.fit(module, ckpt_path=ckpt_path)
         return trainer
     finally:
+        learn.resume_plan = None
         learn.remove_subs(subs)
 
 
-def _tensorboard_logger(subs: Sequence[Subscriber]) -> Any:
-    """A TensorBoardLogger at the place a `TensorBoardS` among `subs` writes to (same layout:
-    `log_dir/name/version_N`), so it writes its run through the Trainer's logger; else None."""
+def _eval_trainer(learn: Learner, subs: Sequence[Subscriber], trainer_kwargs: dict[str, Any]
+                  ) -> tuple[L.Trainer, LearnerModule]:
+    _, needs = _bridgeable([*learn.subs, *subs])
+    module, callbacks = to_lightning(learn, subs=subs)
+    options = _options(learn, needs, trainer_kwargs)
+    user_callbacks = list(trainer_kwargs.get("callbacks") or [])
+    return L.Trainer(callbacks=[*callbacks, *user_callbacks], **options), module
+
+
+def evaluate_lightning(learn: Learner, dl: Any = None, subs: Sequence[Subscriber] = (),
+                       **trainer_kwargs: Any) -> dict[str, float]:
+    """`learn.evaluate(dl, engine="lightning")`: `trainer.validate` (dl None) or `trainer.test`."""
+    if learn.opt is None:
+        learn.create_opt()
+    trainer, module = _eval_trainer(learn, subs, trainer_kwargs)
+    if dl is None:
+        results = trainer.validate(module, dataloaders=learn.dls.valid, verbose=False)
+    else:
+        results = trainer.test(module, dataloaders=dl, verbose=False)
+    return dict(results[0]) if results else {}
+
+
+def predict_lightning(learn: Learner, dl: Any = None, **trainer_kwargs: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`learn.get_preds(dl, engine="lightning")`: `trainer.predict`, concatenated as natively."""
+    trainer, module = _eval_trainer(learn, (), trainer_kwargs)
+    outputs = trainer.predict(module, dataloaders=learn.dls.valid if dl is None else dl)
+    return collate_preds(outputs or [])
+
+
+def _tensorboard_logger(needs: dict[str, Any]) -> Any:
+    """A TensorBoardLogger at the place a subscriber asked for (`tensorboard_dir`, same layout:
+    `dir/name/version_N`), so it writes its run through the Trainer's logger; else None."""
+    if "tensorboard_dir" not in needs:
+        return None
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from nntrain.subscribers.tensorboard import TensorBoardS, make_log_dir
+    from nntrain.subscribers.tensorboard import make_log_dir
 
-    tb = next((sub for sub in subs if isinstance(sub, TensorBoardS)), None)
-    if tb is None:
-        return None
-    make_log_dir(tb.root)  # an unusable directory: TensorBoardS's clear error, before training
-    return TensorBoardLogger(save_dir=str(tb.root), name=tb.name or "", default_hp_metric=False)
-
-
-def _resume(module: LearnerModule, resume: Any, train: bool) -> str | None:
-    """Prepare `module` to continue from the checkpoint `resume` names; return the path to give
-    the Trainer as `ckpt_path` (a Lightning checkpoint), or None (a native one, loaded here, or
-    `resume="last"` with nothing on disk)."""
-    learn = module.learn
-    found = find_checkpoint(learn, resume)
-    if found is None:
-        return None
-    path, state = found
-    if is_lightning_checkpoint(state):
-        prefix = "model."
-        check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
-    lightning = is_lightning_checkpoint(state)
-    pos = state[CHECKPOINT_KEY]["position"] if lightning else state["position"]
-    if pos["iter"] is not None and not train:
-        raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
-    if lightning:
-        prefix = "model."
-        check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)})
-        if pos["iter"] is not None and not hasattr(learn.dls.train, "load_state_dict"):
-            raise loader_cannot_resume(f"checkpoint {path}", pos, learn.dls.train)
-        module.epoch_offset = state[CHECKPOINT_KEY]["epoch_offset"]
-        return str(path)
-    module.resume_state = restore_learner_from(learn, path, state)
-    module.epoch_offset = pos["epoch"] + (pos["iter"] is None)  # the Trainer's epoch 0
-    return None
+    make_log_dir(needs["tensorboard_dir"])  # an unusable directory: a clear error, before training
+    return TensorBoardLogger(save_dir=str(needs["tensorboard_dir"]), name=needs.get("tensorboard_name") or "",
+                             default_hp_metric=False)

@@ -13,6 +13,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,34 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "model_mismatch",
-    "restore_learner",
-    "restore_learner_from",
     "check_model",
     "set_grads",
-    "apply_subscriber_states",
+    "subscriber_states",
+    "learner_state",
+    "native_checkpoint",
+    "ResumePlan",
     "resumed_batches",
+    "LEARNER_KEYS",
 ]
 
-REQUIRED_KEYS: tuple[str, ...] = (
-    "format", "model", "optimizer", "grads", "global_step", "position", "rng", "epoch_rng", "subs",
-)
-"""Keys every nntrain checkpoint holds; a file missing one is reported as corrupt."""
+LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs")
+"""The learner state a checkpoint holds besides the weights and optimizer: the whole of a
+Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a native checkpoint.
+
+- `format`: this layout's version (`FORMAT`).
+- `grads`: each parameter's `.grad` (None or a tensor), in `model.parameters()` order.
+- `global_step`: optimizer steps taken.
+- `position`: `{"epoch": e, "iter": i}`, the last trained batch `i` of epoch `e`, or `i` None
+  at the end of epoch `e` (after its training pass, and validation if any).
+- `rng`: `rng_state()` at the save; `epoch_rng`: at the start of epoch `e`'s training pass
+  (None at an epoch's end or where the loader keeps its own order, Lightning).
+- `subs`: each subscriber's `state_dict()` by `"<ClassName>#<k>"` (k-th of its class).
+"""
+
+FORMAT = 2
+
+REQUIRED_KEYS: tuple[str, ...] = ("model", "optimizer", *LEARNER_KEYS)
+"""Keys every native checkpoint holds; a file missing one is reported as corrupt."""
 
 PATTERN = "ckpt-*"
 """Glob matching the files `CheckpointS` writes (and `latest_checkpoint` considers): `.pt` from
@@ -52,10 +69,12 @@ the native engine, `.ckpt` (Lightning checkpoints) from the Lightning engine."""
 
 SUFFIXES = (".pt", ".ckpt")
 
-LIGHTNING_KEYS: tuple[str, ...] = ("state_dict", "nntrain")
+CHECKPOINT_ENTRY = "nntrain"
+"""The entry of a Lightning checkpoint that holds the learner state (`LEARNER_KEYS`)."""
+
+LIGHTNING_KEYS: tuple[str, ...] = ("state_dict", CHECKPOINT_ENTRY)
 """Keys a Lightning checkpoint written through the bridge holds (see `is_lightning_checkpoint`)."""
 
-NNTRAIN_ENTRY_KEYS: tuple[str, ...] = ("grads", "global_step", "epoch_offset", "position", "rng")
 
 
 class CheckpointError(RuntimeError):
@@ -129,8 +148,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise CheckpointError(f"checkpoint {path} is not a dict but a {type(state).__name__}")
     if is_lightning_checkpoint(state):
         missing = [k for k in LIGHTNING_KEYS if k not in state]
-        if "nntrain" in state:
-            missing += [f"nntrain.{k}" for k in NNTRAIN_ENTRY_KEYS if k not in state["nntrain"]]
+        if CHECKPOINT_ENTRY in state:
+            missing += [f"nntrain.{k}" for k in LEARNER_KEYS if k not in state[CHECKPOINT_ENTRY]]
         if missing:
             raise CheckpointError(f"Lightning checkpoint {path} lacks nntrain's learner state (missing "
                                   f"{missing}): was it written while training an nntrain learner?")
@@ -250,43 +269,6 @@ def check_model(learn: Any, path: str | os.PathLike, weights: dict[str, torch.Te
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
 
 
-def restore_learner(learn: Any, resume: str | os.PathLike) -> dict[str, Any] | None:
-    """Load model, optimizer, gradients and `global_step` from a native checkpoint into `learn`.
-
-    Args:
-        learn: the learner to restore.
-        resume: as for `find_checkpoint`.
-
-    Returns:
-        The checkpoint (with its `path`), whose subscriber states and RNG the fit applies when it
-        reaches the saved position; None when `resume="last"` finds no checkpoint.
-
-    Raises:
-        CheckpointError: unreadable, incomplete, written by the Lightning engine, or saved from a
-            model with other keys/shapes.
-        ValueError: `resume="last"` without a `CheckpointS` attached.
-    """
-    found = find_checkpoint(learn, resume)
-    return None if found is None else restore_learner_from(learn, *found)
-
-
-def restore_learner_from(learn: Any, path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
-    """`restore_learner` for a native checkpoint already loaded (`state`, read from `path`)."""
-    if is_lightning_checkpoint(state):
-        raise CheckpointError(f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
-                              f"resume=...), which hands it to the Trainer as ckpt_path")
-    check_model(learn, path, state["model"])
-    learn.model.load_state_dict(state["model"])
-    if state["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
-        learn.opt.load_state_dict(state["optimizer"])
-    set_grads(learn.model, state["grads"])
-    learn.global_step = state["global_step"]
-    pos = state["position"]
-    learn.epoch = pos["epoch"] + (pos["iter"] is None)  # the epoch the fit continues with
-    state["path"] = str(path)
-    return state
-
-
 def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
     """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
     with torch.no_grad():
@@ -294,30 +276,147 @@ def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
             p.grad = None if g is None else g.to(p.device, p.dtype).clone()
 
 
-def apply_subscriber_states(learn: Any, state: dict[str, Any]) -> None:
-    """Give `learn`'s subscribers their saved states (by class name and occurrence) and restore
-    the RNG as it was at the checkpoint."""
-    seen: dict[str, int] = {}
-    for sub in learn.subs:
+def subscriber_states(subs: list[Any]) -> dict[str, Any]:
+    """`{'<ClassName>#<k>': state}` for every subscriber with state (k counts earlier ones of its class)."""
+    out, seen = {}, {}
+    for sub in subs:
         name = type(sub).__qualname__
-        key = f"{name}#{seen.get(name, 0)}"
-        seen[name] = seen.get(name, 0) + 1
-        if key in state["subs"]:
-            sub.load_state_dict(state["subs"][key])
-    set_rng_state(state["rng"])
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        state_dict = getattr(sub, "state_dict", None)
+        out[f"{name}#{k}"] = state_dict() if callable(state_dict) else {}
+    return out
 
 
-def resumed_batches(learn: Any, state: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+def learner_state(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, subs: dict | None = None,
+                  epoch_rng: dict | None = None) -> dict[str, Any]:
+    """The learner state of `LEARNER_KEYS` at position (`epoch`, `iter_`); `rng` and `subs`
+    default to now."""
+    return {
+        "format": FORMAT,
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in learn.model.parameters()],
+        "global_step": learn.global_step,
+        "position": {"epoch": epoch, "iter": iter_},
+        "rng": rng if rng is not None else rng_state(),
+        "epoch_rng": None if iter_ is None else epoch_rng,
+        "subs": subs if subs is not None else subscriber_states(learn.subs),
+    }
+
+
+def native_checkpoint(learn: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A native checkpoint: the model's and optimizer's state dicts plus the learner `state`."""
+    opt = learn.opt
+    return {"model": learn.model.state_dict(),
+            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None, **state}
+
+
+@dataclass
+class ResumePlan:
+    """Where and how a fit continues from a checkpoint: the one pending resume of a fit, read
+    from either format (`read`), held as `learn.resume_plan` for that fit only, and applied
+    once: the engines call `apply_states` when the fit reaches the saved position.
+
+    `lightning`: the file is a Lightning checkpoint (Lightning restores weights, optimizer, loops
+    and a `ResumableDataLoader`'s position; the learner state comes from its `"nntrain"` entry).
+    `epoch_offset`: the learner's epoch at the Trainer's epoch 0 (a native checkpoint continued
+    under Lightning starts the Trainer at 0).
+    """
+
+    path: str
+    epoch: int
+    iter: int | None
+    grads: list[Any]
+    global_step: int
+    rng: dict[str, Any]
+    epoch_rng: dict[str, Any] | None
+    subs: dict[str, Any]
+    lightning: bool = False
+    epoch_offset: int = 0
+    applied: bool = False
+
+    @property
+    def inside_epoch(self) -> bool:
+        """Saved inside a training pass (after batch `iter`)."""
+        return self.iter is not None
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch the fit continues with."""
+        return self.epoch + (self.iter is None)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, state: dict[str, Any]) -> "ResumePlan":
+        """The plan for a loaded checkpoint of either format (`state`, read from `path`)."""
+        lightning = is_lightning_checkpoint(state)
+        entry = state[CHECKPOINT_ENTRY] if lightning else state
+        pos = entry["position"]
+        offset = pos["epoch"] - state.get("epoch", pos["epoch"]) if lightning else 0
+        return cls(path=str(path), epoch=pos["epoch"], iter=pos["iter"], grads=entry["grads"],
+                   global_step=entry["global_step"], rng=entry["rng"], epoch_rng=entry["epoch_rng"],
+                   subs=entry["subs"], lightning=lightning, epoch_offset=offset)
+
+    @classmethod
+    def restore(cls, learn: Any, resume: str | os.PathLike, train: bool = True,
+                lightning_ok: bool = False) -> "ResumePlan | None":
+        """Find the checkpoint `resume` names (see `find_checkpoint`), check it against `learn`,
+        and for a native one load model, optimizer, gradients and `global_step` into `learn`.
+        Returns its plan, or None when `resume="last"` finds nothing.
+
+        Raises:
+            CheckpointError: unreadable, incomplete, or saved from a model with other keys/shapes.
+            ValueError: a checkpoint from inside a training pass for a fit with `train=False`.
+        """
+        found = find_checkpoint(learn, resume)
+        if found is None:
+            return None
+        path, state = found
+        plan = cls.read(path, state)
+        if plan.lightning and not lightning_ok:
+            raise CheckpointError(f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
+                                  f"resume=...), which hands it to the Trainer as ckpt_path")
+        if plan.inside_epoch and not train:
+            raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
+        if plan.lightning:
+            prefix = "model."
+            check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items()
+                                      if k.startswith(prefix)})
+            return plan
+        check_model(learn, path, state["model"])
+        learn.model.load_state_dict(state["model"])
+        if state["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
+            learn.opt.load_state_dict(state["optimizer"])
+        set_grads(learn.model, plan.grads)
+        learn.global_step = plan.global_step
+        learn.epoch = plan.start_epoch
+        return plan
+
+    def apply_states(self, learn: Any) -> None:
+        """Give `learn`'s subscribers their saved states (by class name and occurrence) and
+        restore the RNG as it was at the checkpoint; once."""
+        if self.applied:
+            return
+        self.applied = True
+        seen: dict[str, int] = {}
+        for sub in learn.subs:
+            name = type(sub).__qualname__
+            key = f"{name}#{seen.get(name, 0)}"
+            seen[name] = seen.get(name, 0) + 1
+            if key in self.subs and callable(getattr(sub, "load_state_dict", None)):
+                sub.load_state_dict(self.subs[key])
+        set_rng_state(self.rng)
+
+
+def resumed_batches(learn: Any, plan: ResumePlan) -> Iterator[tuple[int, Any]]:
     """The resumed epoch's `(index, batch)` pairs after the saved position, in the original order.
 
     The epoch-start RNG is restored before the iterator is made (a shuffling sampler draws its
     seed from it), the batches already trained are fetched and discarded (no event fires), then
     the subscribers' states and the RNG at the checkpoint are restored.
     """
-    set_rng_state(state["epoch_rng"])
+    set_rng_state(plan.epoch_rng)
     batches = iter(learn.dl)
-    start = state["position"]["iter"] + 1
+    start = plan.iter + 1
     for _ in range(start):
         next(batches, None)
-    apply_subscriber_states(learn, state)
+    plan.apply_states(learn)
     return enumerate(batches, start)

@@ -116,13 +116,13 @@ class CompiledLearner(Learner):
 
     def run_step(self) -> None:
         """The compiled training step; the eager one for validation and under Lightning."""
-        if not self.model.training or self.engine.name != "native":
+        if not self.model.training or not self.engine.runs_compiled_steps:
             super().run_step()
             return
         if self._compiled_forward is None:
             self._compiled_forward = torch.compile(self._forward, mode=self.compile_mode)
             self._compiled_step = torch.compile(self._opt_step, mode=self.compile_mode)
-        publish = self.publish
+        publish = self.dispatch.publish
         self.preds, self.loss = self._compiled_forward(self.batch)
         publish("after_predict")
         publish("after_loss")

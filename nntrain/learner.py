@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from nntrain.checkpoint import CheckpointError, apply_subscriber_states, restore_learner, resumed_batches
+from nntrain.checkpoint import CheckpointError, ResumePlan, resumed_batches
+from nntrain.devices import to_device
+from nntrain.registry import ENGINES, TOOLS, resolve
 
 __all__ = [
     "EVENTS",
@@ -25,6 +27,9 @@ __all__ = [
     "CancelEpochException",
     "CancelBatchException",
     "Subscriber",
+    "Dispatcher",
+    "Engine",
+    "NativeEngine",
     "Learner",
     "MomentumLearner",
     "get_lr",
@@ -100,7 +105,7 @@ def event_handlers(subs: Iterable[Subscriber]) -> dict[str, tuple[Callable[[Any]
     Raises:
         AttributeError: a subscriber has a method that looks like an event but is none.
     """
-    ordered = sorted(subs, key=lambda s: s.order)
+    ordered = sorted(subs, key=lambda s: getattr(s, "order", 0))
     for sub in ordered:
         for name in dir(type(sub)):
             if _EVENT_LIKE.match(name) and name not in EVENTS and callable(getattr(sub, name)):
@@ -139,32 +144,200 @@ def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
         exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
 
 
-def _check_batch_structure(exc: Exception, batch: Any, training: bool) -> None:
-    """Raise a TypeError naming the expected `(inputs, targets)` when a failed batch is not one."""
+def check_batch_structure(exc: Exception, batch: Any, mode: str) -> None:
+    """Raise a TypeError naming the expected `(inputs, targets)` when a failed batch is not one
+    (`mode`: the pass, "train", "valid" or "test")."""
     if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2):
         return
-    mode = "training" if training else "validation"
+    mode = {"train": "training", "valid": "validation"}.get(mode, mode)
     raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2); the "
                     f"{mode} loader yielded {_describe(batch)}") from exc
 
 
+_SCOPE_OF: dict[type[CancelException], str] = {
+    CancelFitException: "fit",
+    CancelEpochException: "epoch",
+    CancelBatchException: "batch",
+}
+_DEPTH = {"fit": 0, "epoch": 1, "batch": 2}
+
+
+def subscriber_engines(sub: Any) -> tuple[str, ...]:
+    """The engines `sub` runs on (every engine for a plain object without `engines`)."""
+    return tuple(getattr(sub, "engines", ("native", "lightning")))
+
+
+class Dispatcher:
+    """Sends events to subscribers and keeps the scopes fit > epoch > batch; every engine drives
+    one through `open_scope`, `run` and `close_scope`.
+
+    `open_scope(s)` fires `before_s`, `run(s, body)` runs the scope's body, `close_scope(s)`
+    fires `after_s` (unless the scope was cancelled or failed) and always `cleanup_s`. A
+    `CancelException` raised by a handler or a body cancels its scope (`CancelFitException`
+    the fit, and so on); inside a cancelled scope nothing more opens and no `after_*` fires.
+    With `propagate=True` (the native loop) a cancel of an enclosing scope is re-raised, so the
+    Python stack unwinds to that scope; with `propagate=False` (an engine whose loop cannot be
+    unwound, Lightning) the cancel is only recorded and `engine.on_cancel(scope)` is told.
+    """
+
+    def __init__(self, learn: Any) -> None:
+        self.learn = learn
+        self.handlers = event_handlers(())
+        self.propagate = True
+        self.reset()
+
+    def reset(self) -> None:
+        """No scope open, none cancelled (a new fit)."""
+        self.open: list[str] = []
+        self.cancelled: str | None = None  # the outermost cancelled scope still open
+
+    def set_subs(self, subs: Iterable[Any]) -> None:
+        """Dispatch to `subs` from now on (sorted by `order`)."""
+        self.handlers = event_handlers(subs)
+
+    @property
+    def top(self) -> str | None:
+        """The innermost open scope."""
+        return self.open[-1] if self.open else None
+
+    def publish(self, event: str) -> None:
+        """Call every handler of `event` in `order`; cancels propagate to the caller."""
+        learn = self.learn
+        for handler in self.handlers[event]:
+            try:
+                handler(learn)
+            except CancelException:
+                raise
+            except Exception as exc:
+                _name_source(exc, handler, event)
+                raise
+
+    def _cancel(self, exc: CancelException, scope: str) -> None:
+        target = _SCOPE_OF.get(type(exc)) or next(s for t, s in _SCOPE_OF.items() if isinstance(exc, t))
+        if target not in self.open:
+            raise exc  # a cancel of a scope that is not open: as natively, it escapes
+        if self.cancelled is None or _DEPTH[target] < _DEPTH[self.cancelled]:
+            self.cancelled = target
+            self.learn.engine.on_cancel(target)
+        if self.propagate and target != scope:
+            raise exc
+
+    def open_scope(self, scope: str) -> bool:
+        """Open `scope` and fire `before_<scope>`; False when its body must not run (it or an
+        enclosing scope is cancelled; then a cancelled enclosing scope leaves it unopened)."""
+        if self.cancelled is not None:
+            return False
+        self.open.append(scope)
+        try:
+            self.publish(f"before_{scope}")
+        except CancelException as exc:
+            self._cancel(exc, scope)
+        return self.cancelled is None
+
+    def run(self, scope: str, body: Callable[..., None], *args: Any) -> None:
+        """Run the body of the open `scope`, unless a cancel silenced it."""
+        if self.cancelled is not None:
+            return
+        try:
+            body(*args)
+        except CancelException as exc:
+            self._cancel(exc, scope)
+
+    def close_scope(self, scope: str, failed: bool = False) -> None:
+        """Fire `after_<scope>` (not when cancelled or `failed`), then always `cleanup_<scope>`.
+        A scope that is not the innermost open one is left alone (it never opened)."""
+        if not self.open or self.open[-1] != scope:
+            return
+        try:
+            if not failed and self.cancelled is None:
+                try:
+                    self.publish(f"after_{scope}")
+                except CancelException as exc:
+                    self._cancel(exc, scope)
+        finally:
+            self.open.pop()
+            if self.cancelled == scope:
+                self.cancelled = None
+            self.publish(f"cleanup_{scope}")
+
+    def abort(self) -> None:
+        """Fire the cleanups of every open scope, innermost first (the engine failed)."""
+        while self.open:
+            scope = self.open.pop()
+            self.publish(f"cleanup_{scope}")
+        self.cancelled = None
+
+
 class Engine(Protocol):
-    """What a learner needs from the engine that runs it: how to backpropagate."""
+    """What the loop and subscribers get from the engine running a fit (`learn.engine`).
+
+    The native loop is `NativeEngine`; the Lightning bridge has `LightningEngine`. Subscribers
+    ask the engine, never its name: `rank`, `backward`, `step`, `log_metrics` (a row's values
+    by name, e.g. `valid/loss`), `save_checkpoint`, `tensorboard_logger`, and what the engine
+    does itself (`saves_on_interrupt`, `resumes_after_last_batch`, `runs_compiled_steps`).
+    """
 
     name: str
+    rank: int
+    saves_on_interrupt: bool
+    resumes_after_last_batch: bool
+    runs_compiled_steps: bool
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss`."""
 
+    def step(self, opt: Any) -> None:
+        """Take the optimizer step."""
+
+    def on_cancel(self, scope: str) -> None:
+        """A cancel of `scope` was recorded."""
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """Record an epoch's values by name (`train/loss`, `valid/accuracy`)."""
+
+    def save_checkpoint(self, stem: Any, learner_state: dict[str, Any], learn: Any) -> Any:
+        """Write a checkpoint at `stem` plus the engine's suffix; return its path."""
+
+    def tensorboard_logger(self) -> Any:
+        """A logger a TensorBoard subscriber should write through, or None."""
+
 
 class NativeEngine:
-    """The learner's own loop: plain autograd."""
+    """The learner's own loop: plain autograd, cancels unwind the Python stack."""
 
     name = "native"
+    rank = 0
+    saves_on_interrupt = True
+    resumes_after_last_batch = True
+    runs_compiled_steps = True
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}  # the last values logged by name (`learn.evaluate` returns them)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Call `loss.backward()`."""
         loss.backward()
+
+    def step(self, opt: Any) -> None:
+        """Call `opt.step()`."""
+        opt.step()
+
+    def on_cancel(self, scope: str) -> None:
+        """Nothing to do: the exception unwinds the loop."""
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """Keep the values in `logged`."""
+        self.logged.update(values)
+
+    def save_checkpoint(self, stem: Any, learner_state: dict[str, Any], learn: Any) -> Any:
+        """A native checkpoint `<stem>.pt`: model and optimizer state plus `learner_state`."""
+        from nntrain.checkpoint import native_checkpoint, save_checkpoint
+
+        return save_checkpoint(native_checkpoint(learn, learner_state), f"{stem}.pt")
+
+    def tensorboard_logger(self) -> Any:
+        """None: a TensorBoard subscriber opens its own writer."""
+        return None
 
 
 def get_lr(opt: Any) -> float:
@@ -186,10 +359,11 @@ def set_lr(opt: Any, lr: float) -> None:
 class Learner:
     """Trains `model` on `dls` with `loss_fn` and an optimizer made by `optim_class(params, lr)`.
 
-    State kept current during a fit, for subscribers: `epoch`, `epochs` (a range), `n_epochs`,
-    `dl`, `iter` (batch index in the epoch), `global_step` (optimizer steps so far, all fits),
-    `batch`, `preds`, `loss`, `opt`, `training` (`model.training`) and `fit_valid` (whether this
-    fit runs validation passes).
+    The learner state, kept current on both engines for subscribers (the README's table):
+    `model`, `opt`, `dls`, `lr`, `engine`, `mode` ("train", "valid" or "test": the pass
+    running), `epoch`, `epochs` (a range), `n_epochs`, `fit_valid` (whether this fit runs
+    validation passes), `dl`, `iter` (batch index in the pass), `global_step` (optimizer steps
+    so far, all fits), `batch`, `preds`, `loss`, and `training` (`model.training`).
     The step is made of the overridable methods `predict`, `get_loss`, `backward`, `step`,
     `zero_grad`; both engines call them.
     """
@@ -224,34 +398,29 @@ class Learner:
         self.global_step = 0
         self.epoch = 0
         self.iter = 0
+        self.mode = "train"
         self.batch: Any = None
-        self._resume: dict[str, Any] | None = None  # a loaded checkpoint whose position is still ahead
-        self._handlers = event_handlers(self.subs)
+        self.resume_plan: ResumePlan | None = None  # the checkpoint a fit continues from, for that fit only
+        self.dispatch = Dispatcher(self)
+        self.dispatch.set_subs(self.subs)
 
     # ----- subscribers and dispatch -------------------------------------------------------
 
     def add_subs(self, subs: Iterable[Subscriber]) -> None:
         """Attach `subs` and re-sort the dispatch table."""
         self.subs.extend(subs)
-        self._handlers = event_handlers(self.subs)
+        self.dispatch.set_subs(self.subs)
 
     def remove_subs(self, subs: Iterable[Subscriber]) -> None:
         """Detach `subs` (each once) and re-sort the dispatch table."""
         for sub in subs:
             if sub in self.subs:
                 self.subs.remove(sub)
-        self._handlers = event_handlers(self.subs)
+        self.dispatch.set_subs(self.subs)
 
     def publish(self, event: str) -> None:
         """Call every subscriber's handler for `event`, in `order`."""
-        for handler in self._handlers[event]:
-            try:
-                handler(self)
-            except CancelException:
-                raise
-            except Exception as exc:
-                _name_source(exc, handler, event)
-                raise
+        self.dispatch.publish(event)
 
     @property
     def training(self) -> bool:
@@ -277,8 +446,8 @@ class Learner:
         self.engine.backward(self.loss)
 
     def step(self) -> None:
-        """Take an optimizer step."""
-        self.opt.step()
+        """Take an optimizer step (through the engine: Lightning's precision and strategy apply)."""
+        self.engine.step(self.opt)
 
     def zero_grad(self) -> None:
         """Reset the gradients."""
@@ -338,8 +507,8 @@ class Learner:
             valid: run the validation pass of each epoch.
             subs: subscribers attached for this call only (always removed afterwards).
             lr: learning rate for this fit (kept for later fits).
-            engine: "native" (this loop) or "lightning" (a `lightning.Trainer`, see
-                `nntrain.adapters`); `trainer_kwargs` go to the Trainer.
+            engine: "native" (this loop) or a registered engine ("lightning": a
+                `lightning.Trainer`, see `nntrain.adapters`); `trainer_kwargs` go to the Trainer.
             resume: continue exactly from a checkpoint: a file, a directory (its newest loadable
                 file), or "last" (the newest in the attached `CheckpointS`'s directory; with none
                 on disk the fit starts from the beginning). `epochs` is the total: a run meant
@@ -352,57 +521,55 @@ class Learner:
         Raises:
             CheckpointError: the checkpoint is unreadable, incomplete or for another model.
         """
-        if engine == "lightning":
-            from nntrain.adapters import fit_lightning  # Lightning is imported only there
-
-            return fit_lightning(self, epochs, train=train, valid=valid, subs=subs, lr=lr, resume=resume,
-                                 **trainer_kwargs)
         if engine != "native":
-            raise ValueError(f"engine must be 'native' or 'lightning', got {engine!r}")
+            run = resolve(ENGINES, engine, "engine")
+            return run(self, epochs, train=train, valid=valid, subs=subs, lr=lr, resume=resume, **trainer_kwargs)
         if trainer_kwargs:
             raise TypeError(f"fit() got Trainer options {sorted(trainer_kwargs)} but engine='native'")
+        self._check_engines([*self.subs, *subs])
         self.add_subs(subs)
         try:
             self.prepare_fit(epochs, lr)
             if resume is not None:
-                self._resume = self.load_checkpoint(resume)
-            self._run_scope("fit", self._fit_body, CancelFitException, train, valid)
+                self.resume_plan = ResumePlan.restore(self, resume, train)
+            self._start_native()
+            self._scope("fit", self._fit_body, train, valid)
         finally:
-            self._resume = None
+            self.resume_plan = None
             self.remove_subs(subs)
         return None
 
-    # ----- resume --------------------------------------------------------------------------------
+    def _check_engines(self, subs: Sequence[Any]) -> None:
+        for sub in subs:
+            if "native" not in subscriber_engines(sub):
+                raise ValueError(f"{type(sub).__name__} supports the engines {subscriber_engines(sub)} only; "
+                                 f"remove it from the learner's subs or fit with one of those engines")
 
-    def load_checkpoint(self, resume: str | os.PathLike) -> dict[str, Any] | None:
-        """Load model, optimizer, gradients and `global_step` from a checkpoint (see `fit(resume=)`);
-        return it (its subscriber states and RNG are applied when the fit reaches its position),
-        or None when `resume="last"` finds none. See `nntrain.checkpoint.restore_learner`."""
-        return restore_learner(self, resume)
+    def _start_native(self) -> None:
+        if not isinstance(self.engine, NativeEngine):
+            self.engine = NativeEngine()
+        self.dispatch.propagate = True
+        self.dispatch.reset()
 
-    def _run_scope(self, name: str, body: Callable[..., None], cancel: type[CancelException], *args: Any) -> None:
+    def _scope(self, scope: str, body: Callable[..., None], *args: Any) -> None:
+        """One scope of the native loop: open, body, close (cleanup even on error)."""
+        dispatch = self.dispatch
+        ok = False
         try:
-            self.publish(f"before_{name}")
-            body(*args)
-            self.publish(f"after_{name}")
-        except cancel:
-            pass
+            if dispatch.open_scope(scope):
+                dispatch.run(scope, body, *args)
+            ok = True
         finally:
-            self.publish(f"cleanup_{name}")
+            dispatch.close_scope(scope, failed=not ok)
 
     def _fit_body(self, train: bool, valid: bool) -> None:
         self.fit_valid = valid
         epochs = self.epochs
-        if self._resume is not None:
-            pos = self._resume["position"]
-            if pos["iter"] is None:  # saved at an epoch's end: continue with the next epoch
-                epochs = range(pos["epoch"] + 1, self.n_epochs)
-                apply_subscriber_states(self, self._resume)
-                self._resume = None
-            elif not train:
-                raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
-            else:  # inside an epoch's training pass: `_epoch_body` skips to the position
-                epochs = range(pos["epoch"], self.n_epochs)
+        plan = self.resume_plan
+        if plan is not None:
+            epochs = range(plan.start_epoch, self.n_epochs)
+            if not plan.inside_epoch:  # saved at an epoch's end: continue with the next epoch
+                plan.apply_states(self)
         for self.epoch in epochs:
             if train:
                 self.one_epoch(True)
@@ -410,42 +577,36 @@ class Learner:
                 with torch.no_grad():
                     self.one_epoch(False)
 
-    def one_epoch(self, training: bool) -> None:
-        """Run one training or validation pass over the matching loader."""
+    def one_epoch(self, training: bool, dl: Any = None, mode: str | None = None) -> None:
+        """Run one training or evaluation pass over the matching loader (or `dl`)."""
         self.model.train(training)
-        self.dl = self.dls.train if training else self.dls.valid
-        self._run_scope("epoch", self._epoch_body, CancelEpochException)
+        self.mode = mode or ("train" if training else "valid")
+        self.dl = dl if dl is not None else self.dls.train if training else self.dls.valid
+        self._scope("epoch", self._epoch_body)
 
     def _epoch_body(self) -> None:
         self.batch = None
-        if self._resume is None:
-            batches = enumerate(self.dl)
+        plan = self.resume_plan
+        if plan is not None and plan.inside_epoch and self.model.training and not plan.applied:
+            batches = resumed_batches(self, plan)
         else:
-            batches, self._resume = resumed_batches(self, self._resume), None
+            batches = enumerate(self.dl)
         try:
             for self.iter, self.batch in batches:
-                self.one_batch()
+                self._scope("batch", self.run_step)
         except CancelException:
             raise
         except Exception as exc:  # free when nothing is raised; the batch is inspected only on failure
-            _check_batch_structure(exc, self.batch, self.model.training)
+            check_batch_structure(exc, self.batch, self.mode)
             raise
 
     def one_batch(self) -> None:
         """Run one batch: predict, loss and (when training) backward, step, zero_grad."""
-        publish = self.publish
-        try:
-            publish("before_batch")
-            self.run_step()
-            publish("after_batch")
-        except CancelBatchException:
-            pass
-        finally:
-            publish("cleanup_batch")
+        self._scope("batch", self.run_step)
 
     def run_step(self) -> None:
         """The body of a batch, with its inner events; both engines call this."""
-        publish = self.publish
+        publish = self.dispatch.publish
         self.predict()
         publish("after_predict")
         self.get_loss()
@@ -458,7 +619,70 @@ class Learner:
             publish("after_step")
             self.zero_grad()
 
-    # ----- inference ----------------------------------------------------------------------------
+    # ----- evaluation and inference --------------------------------------------------------------
+
+    def evaluate(self, dl: Any = None, subs: Sequence[Subscriber] = (), engine: str = "native",
+                 **trainer_kwargs: Any) -> dict[str, float]:
+        """One evaluation pass over `dl` (mode "test"; the validation loader, mode "valid", when
+        None) with the fit and epoch events, as Keras's `evaluate` or fastai's `validate`.
+
+        Returns:
+            The values subscribers logged for the pass by name (`MetricsS`: `test/loss`,
+            `test/<metric>`); the same as `trainer.test` / `trainer.validate` return.
+        """
+        if engine != "native":
+            return resolve(TOOLS, f"evaluate:{engine}", "tool")(self, dl, subs=subs, **trainer_kwargs)
+        if trainer_kwargs:
+            raise TypeError(f"evaluate() got Trainer options {sorted(trainer_kwargs)} but engine='native'")
+        mode = "valid" if dl is None else "test"
+        self._check_engines([*self.subs, *subs])
+        self.add_subs(subs)
+        try:
+            if self.opt is None:
+                self.create_opt()
+            self.n_epochs, self.epochs, self.epoch, self.fit_valid = 1, range(1), 0, True
+            self._start_native()
+            self.engine.logged = {}
+            self._scope("fit", self._evaluate_body, dl, mode)
+        finally:
+            self.remove_subs(subs)
+        return {k: v for k, v in self.engine.logged.items() if k.startswith(f"{mode}/")}
+
+    def _evaluate_body(self, dl: Any, mode: str) -> None:
+        with torch.no_grad():
+            self.one_epoch(False, dl, mode)
+
+    def get_preds(self, dl: Any = None, engine: str = "native", **trainer_kwargs: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's predictions over `dl` (default: the validation loader) in eval mode,
+        without grad and without events, with the targets where batches are `(inputs, targets)`.
+
+        Returns:
+            `(preds, targets)`, each concatenated over the batches (targets None if there are none).
+        """
+        if engine != "native":
+            return resolve(TOOLS, f"get_preds:{engine}", "tool")(self, dl, **trainer_kwargs)
+        dl = self.dls.valid if dl is None else dl
+        device = _model_device(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        outputs = []
+        try:
+            with torch.no_grad():
+                for self.iter, batch in enumerate(dl):
+                    self.batch = to_device(batch, device)
+                    outputs.append(self.predict_batch())
+        finally:
+            self.model.train(was_training)
+        return collate_preds(outputs)
+
+    def predict_batch(self) -> tuple[torch.Tensor, Any]:
+        """`predict` on `self.batch`; returns `(preds, targets or None)` (both engines' predict step)."""
+        batch = self.batch
+        if not isinstance(batch, (tuple, list)):
+            batch = self.batch = (batch,)
+        self.predict()
+        return self.preds, (batch[1] if len(batch) > 1 else None)
 
     def infer(self, x: torch.Tensor, single: bool = False) -> torch.Tensor:
         """The model's output for new inputs `x`, in eval mode, without grad, on the model's device.
@@ -467,9 +691,7 @@ class Learner:
             x: a batch of inputs (or one input with `single=True`).
             single: `x` is one sample: add the batch dimension and remove it from the output.
         """
-        param = next(self.model.parameters(), None)
-        if param is not None:
-            x = x.to(param.device)
+        x = x.to(_model_device(self.model))
         if single:
             x = x.unsqueeze(0)
         was_training = self.model.training
@@ -488,10 +710,24 @@ class Learner:
         Returns:
             The `LRFindS` with `.lrs`, `.losses`, `.plot()` and `.suggestion()`.
         """
-        from nntrain.subscribers.lr_find import lr_find  # the algorithm lives with its subscriber
+        return resolve(TOOLS, "lr_find", "tool")(self, start_lr=start_lr, mult=mult, max_lr=max_lr,
+                                                 max_epochs=max_epochs, engine=engine, **trainer_kwargs)
 
-        return lr_find(self, start_lr=start_lr, mult=mult, max_lr=max_lr, max_epochs=max_epochs,
-                       engine=engine, **trainer_kwargs)
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def collate_preds(outputs: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate per-batch `(preds, targets)` pairs into one `(preds, targets)`."""
+    if not outputs:
+        raise ValueError("the loader yielded no batches: there is nothing to predict")
+    preds = torch.cat([p for p, _ in outputs])
+    targets = [t for _, t in outputs]
+    if any(t is None or not isinstance(t, torch.Tensor) for t in targets):
+        return preds, None
+    return preds, torch.cat(targets)
 
 
 class MomentumLearner(Learner):

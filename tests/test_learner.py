@@ -146,9 +146,9 @@ def test_subscribers_run_in_order(engine):
 def test_dispatch_table_is_sorted_once_when_the_set_changes():
     log = []
     learn = small_learner([Ordered(5, log)])
-    assert [h.__self__.order for h in learn._handlers["before_fit"]] == [5]
+    assert [h.__self__.order for h in learn.dispatch.handlers["before_fit"]] == [5]
     learn.add_subs([Ordered(1, log)])
-    assert [h.__self__.order for h in learn._handlers["before_fit"]] == [1, 5]
+    assert [h.__self__.order for h in learn.dispatch.handlers["before_fit"]] == [1, 5]
 
 
 class Boom(Subscriber):
@@ -163,7 +163,7 @@ def test_fit_subs_are_removed_even_on_error(engine):
     with pytest.raises(ValueError, match="boom") as info:
         learn.fit(1, subs=[rec, Boom()], engine=engine)
     assert learn.subs == []
-    assert learn._handlers["after_loss"] == ()
+    assert learn.dispatch.handlers["after_loss"] == ()
     # the error names the subscriber and the event; the cleanups still ran
     text = "".join(traceback.format_exception(info.value))
     assert "Boom" in text and "after_loss" in text

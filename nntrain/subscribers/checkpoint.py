@@ -10,13 +10,10 @@ from typing import Any
 
 import torch
 
-from nntrain.checkpoint import atomic_write, checkpoint_name, prune_checkpoints, rng_state, save_checkpoint
+from nntrain.checkpoint import checkpoint_name, learner_state, prune_checkpoints, rng_state, subscriber_states
 from nntrain.learner import Subscriber
 
 __all__ = ["CheckpointS", "NonFiniteWeightsError"]
-
-FORMAT = 1
-
 
 class NonFiniteWeightsError(FloatingPointError):
     """The model's weights hold NaN or inf: no checkpoint is written over the last good one."""
@@ -60,7 +57,7 @@ class CheckpointS(Subscriber):
 
     order = 1000  # last: every other subscriber's after_batch/after_epoch has run when we save
     engines = ("native", "lightning")
-    is_checkpointer = True
+    is_checkpointer = True  # find_checkpoint's resume="last" reads `dir`
 
     def __init__(self, dir: str | os.PathLike, every_epochs: int | None = 1, every_batches: int | None = None,
                  keep: int = 3, save_on_interrupt: bool = True) -> None:
@@ -101,16 +98,17 @@ class CheckpointS(Subscriber):
         """Save every `every_batches` training batches; remember the clean point for an interrupt."""
         if not learn.model.training:
             return
-        lightning = learn.engine.name == "lightning"
+        engine = learn.engine
         if self.every_batches is not None and learn.global_step % self.every_batches == 0:
-            if lightning and learn.iter + 1 >= len(learn.dl):
+            last = hasattr(learn.dl, "__len__") and learn.iter + 1 >= len(learn.dl)
+            if last and not engine.resumes_after_last_batch:
                 self._save_at_epoch_end = True
             else:
                 self.save(learn, learn.iter)
-        elif self.save_on_interrupt and not lightning:
+        elif self.save_on_interrupt and engine.saves_on_interrupt:
             # what an interrupt before the next batch saves: taken now, because the cleanups that
             # run before cleanup_fit (MetricsS drops its buffer) change subscriber state
-            self._boundary = (learn.epoch, learn.iter, rng_state(), _subscriber_states(learn.subs),
+            self._boundary = (learn.epoch, learn.iter, rng_state(), subscriber_states(learn.subs),
                               self._epoch_rng)
 
     def after_epoch(self, learn: Any) -> None:
@@ -126,7 +124,7 @@ class CheckpointS(Subscriber):
         """On a KeyboardInterrupt outside a training batch, save the last training batch completed
         (then the interrupt propagates)."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt and learn.engine.name == "native":
+        if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt and learn.engine.saves_on_interrupt:
             if self._boundary is not None:
                 epoch, iter_, rng, subs, epoch_rng = self._boundary
                 self.save(learn, iter_, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
@@ -153,38 +151,15 @@ class CheckpointS(Subscriber):
                 f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step}: no checkpoint "
                 f"written; the last good one is {self.saved[-1] if self.saved else 'none from this fit'}")
         self._boundary, self._saved_here = None, True
-        if learn.engine.name == "lightning":
-            path = self._save_lightning(learn, epoch, iter_)
-        else:
-            path = save_checkpoint(self._native_state(learn, epoch, iter_, rng, subs, epoch_rng),
-                                   self.dir / checkpoint_name(learn.global_step, epoch, iter_))
+        state = learner_state(learn, epoch, iter_, rng, subs, epoch_rng if epoch_rng is not None else self._epoch_rng)
+        stem = self.dir / checkpoint_name(learn.global_step, epoch, iter_, suffix="")
+        path = Path(learn.engine.save_checkpoint(stem, state, learn))
         self.saved = [p for p in self.saved if p != path] + [path]
-        if learn.engine.name == "native" or learn.engine.module.trainer.is_global_zero:
+        if learn.engine.rank == 0:
             for gone in prune_checkpoints(self.dir, self.keep):
                 if gone in self.saved:
                     self.saved.remove(gone)
         return path
-
-    def _save_lightning(self, learn: Any, epoch: int, iter_: int | None) -> Path:
-        """A Lightning checkpoint through the Trainer (every rank takes part; rank 0 writes)."""
-        trainer = learn.engine.module.trainer
-        name = checkpoint_name(learn.global_step, epoch, iter_, suffix=".ckpt")
-        return atomic_write(self.dir / name, trainer.save_checkpoint, commit=trainer.is_global_zero)
-
-    def _native_state(self, learn: Any, epoch: int, iter_: int | None, rng: dict | None, subs: dict | None,
-                      epoch_rng: dict | None) -> dict[str, Any]:
-        opt = learn.opt
-        return {
-            "format": FORMAT,
-            "model": learn.model.state_dict(),
-            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None,
-            "grads": [None if p.grad is None else p.grad.detach().clone() for p in learn.model.parameters()],
-            "global_step": learn.global_step,
-            "position": {"epoch": epoch, "iter": iter_},
-            "rng": rng if rng is not None else rng_state(),
-            "epoch_rng": None if iter_ is None else epoch_rng if epoch_rng is not None else self._epoch_rng,
-            "subs": subs if subs is not None else _subscriber_states(learn.subs),
-        }
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch-start RNG state, so checkpoints later in a resumed epoch can still reproduce it."""
@@ -194,13 +169,3 @@ class CheckpointS(Subscriber):
         """Restore `state_dict`."""
         self._epoch_rng = state["epoch_rng"]
 
-
-def _subscriber_states(subs: list[Subscriber]) -> dict[str, Any]:
-    """`{'<ClassName>#<k>': state}` for every subscriber (k counts earlier ones of that class)."""
-    out, seen = {}, {}
-    for sub in subs:
-        name = type(sub).__qualname__
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        out[f"{name}#{k}"] = sub.state_dict()
-    return out

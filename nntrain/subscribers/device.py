@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from nntrain.devices import default_device, to_device
 from nntrain.learner import Subscriber
 
 __all__ = ["DeviceS", "default_device", "to_device"]
-
-
-def default_device() -> torch.device:
-    """CUDA if available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """`obj` with every tensor in it moved to `device`.
-
-    Tensors, and tuples (named ones too), lists and mappings of them, nested; anything else is
-    returned as is. Mappings come back as plain dicts.
-    """
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        items = [to_device(v, device, non_blocking) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [to_device(v, device, non_blocking) for v in obj]
-    return obj
 
 
 class DeviceS(Subscriber):
@@ -41,7 +18,8 @@ class DeviceS(Subscriber):
     Args:
         device: a device or its name; "auto" means CUDA if available, else the CPU.
 
-    Native engine only: Lightning places the model and batches itself.
+    Native engine only: an engine that places the model and batches itself (Lightning) reads
+    `engine_needs()` instead and runs on this device.
     """
 
     order = -10  # before other subscribers' before_batch, so they see the batch on the device
@@ -51,6 +29,10 @@ class DeviceS(Subscriber):
         self.device = default_device() if device == "auto" else torch.device(device)
         # A non-blocking copy to the host could be read before it lands; to an accelerator it is safe.
         self.non_blocking = self.device.type != "cpu"
+
+    def engine_needs(self) -> dict[str, Any]:
+        """What an engine that does this subscriber's job itself must provide: the device."""
+        return {"device": self.device}
 
     def before_fit(self, learn: Any) -> None:
         """Move the model's parameters in place (the optimizer keeps them) and the optimizer state."""

@@ -321,7 +321,9 @@ class MetricsS(Subscriber):
     Sets `learn.metrics = self` before the fit. Each epoch's row
     (`{'epoch', 'mode', 'loss', <name>...}`) is appended to `history` and passed to `output`,
     which prints it (on rank 0) or, when `sink` is set (a progress display does this), calls
-    `sink(row)` instead. See `MetricAccumulator` for the metrics accepted and `flush_every`.
+    `sink(row)` instead. The row's values also go to `learn.engine.log_metrics` as
+    `<mode>/<name>` (`valid/loss`): Lightning's `callback_metrics` and loggers under the bridge,
+    what `learn.evaluate` returns natively. See `MetricAccumulator` for the metrics accepted and `flush_every`.
     """
 
     reports = True  # lr_find detaches it during the search
@@ -342,7 +344,7 @@ class MetricsS(Subscriber):
         return self.history[-1] if self.history else None
 
     def rows(self, mode: str) -> list[Row]:
-        """The rows of `history` whose mode is `mode` ('train' or 'valid')."""
+        """The rows of `history` whose mode is `mode` ('train', 'valid' or 'test')."""
         return [row for row in self.history if row["mode"] == mode]
 
     def before_fit(self, learn: Any) -> None:
@@ -359,9 +361,12 @@ class MetricsS(Subscriber):
 
     def after_epoch(self, learn: Any) -> None:
         """Compute the epoch's row, keep it in `history` and `output` it."""
-        row: Row = {"epoch": learn.epoch, "mode": "train" if learn.model.training else "valid"}
+        mode = learn.mode
+        row: Row = {"epoch": learn.epoch, "mode": mode}
         row.update(self.acc.compute())
         self.history.append(row)
+        learn.engine.log_metrics({f"{mode}/{name}": float(value) for name, value in row.items()
+                                  if name not in ("epoch", "mode") and isinstance(value, (int, float))})
         self.output(row)
 
     def cleanup_epoch(self, learn: Any) -> None:

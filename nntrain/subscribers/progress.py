@@ -84,7 +84,7 @@ class ProgressS(Subscriber):
     def before_epoch(self, learn: Any) -> None:
         """Open this epoch's bar."""
         dl = learn.dl
-        mode = "train" if learn.model.training else "valid"
+        mode = learn.mode
         self._bar = tqdm(
             total=len(dl) if hasattr(dl, "__len__") else None,
             desc=f"epoch {learn.epoch + 1}/{learn.n_epochs} {mode}",

@@ -111,6 +111,11 @@ class TensorBoardS(Subscriber):
         self._losses: list[torch.Tensor] = []
         self._lrs: list[float] = []
 
+    def engine_needs(self) -> dict[str, Any]:
+        """An engine with loggers (Lightning) gets a TensorBoard logger at this place, and this
+        subscriber writes through it (one event file per run)."""
+        return {"tensorboard_dir": self.root, "tensorboard_name": self.name}
+
     # ----- events ----------------------------------------------------------------------------------
 
     def before_fit(self, learn: Any) -> None:
@@ -120,8 +125,7 @@ class TensorBoardS(Subscriber):
         self._writer = None
         if not _is_rank_zero():
             return
-        find_logger = getattr(learn.engine, "tensorboard_logger", None)
-        logger = find_logger() if find_logger is not None else None
+        logger = learn.engine.tensorboard_logger()
         params = self.hyperparameters(learn)
         if logger is not None:
             self._writer, self._owns_writer = logger.experiment, False
@@ -150,7 +154,7 @@ class TensorBoardS(Subscriber):
         metrics = getattr(learn, "metrics", None)
         if self._writer is None or metrics is None:
             return
-        mode = "train" if learn.model.training else "valid"
+        mode = learn.mode
         row = metrics.last
         if row is None or row["epoch"] != learn.epoch or row["mode"] != mode:
             return

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nntrain.adapters import HOOK_TABLE, LearnerModule, SubscriberCallback, to_lightning
+from nntrain.adapters import HOOK_TABLE, LearnerCallback, LearnerModule, to_lightning
 from nntrain.learner import Learner, MomentumLearner, Subscriber
 from tests.helpers import Recorder, tiny_dls, tiny_model
 
@@ -74,7 +74,7 @@ def test_own_trainer_with_bridged_callbacks():
     rec = Recorder()
     learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=0.1, subs=[rec])
     module, callbacks = to_lightning(learn)
-    assert isinstance(module, LearnerModule) and [type(c) for c in callbacks] == [SubscriberCallback]
+    assert isinstance(module, LearnerModule) and [type(c) for c in callbacks] == [LearnerCallback]
     torch.manual_seed(123)
     trainer = L.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu")
@@ -84,10 +84,14 @@ def test_own_trainer_with_bridged_callbacks():
     assert all(torch.equal(a, b) for a, b in zip(learn.model.parameters(), native.model.parameters()))
 
 
-def test_hook_table_names_real_hooks():
-    for hook, _ in HOOK_TABLE:
-        name = hook.split("(")[0]
-        assert hasattr(SubscriberCallback, name) or hasattr(LearnerModule, name), hook
+def test_hook_table_names_real_hooks_and_each_is_overridden():
+    """Every row of HOOK_TABLE is a Lightning Callback hook that LearnerCallback overrides, and
+    every action it names exists."""
+    for hook, actions in HOOK_TABLE.items():
+        assert hasattr(L.Callback, hook), hook
+        assert getattr(LearnerCallback, hook) is not getattr(L.Callback, hook), hook
+        for action in actions:
+            assert callable(getattr(LearnerCallback, f"_{action[0]}", None)), (hook, action)
 
 
 @pytest.mark.parametrize("option", ["accumulate_grad_batches", "gradient_clip_val", "max_epochs"])

@@ -1,0 +1,387 @@
+"""`LearnerCallback`: the one Lightning Callback that drives a learner's `Dispatcher`.
+
+`HOOK_TABLE` is the whole mapping from Lightning hooks to nntrain scopes; the callback's hook
+methods only look their row up. The README's hook table is generated from it (a test checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from nntrain.checkpoint import set_grads, set_rng_state
+from nntrain.learner import check_batch_structure
+
+__all__ = ["HOOK_TABLE", "STEP_TABLE", "LearnerCallback"]
+
+Action = tuple[str, ...]
+
+HOOK_TABLE: dict[str, tuple[Action, ...]] = {
+    "setup": (("setup",),),
+    "on_fit_start": (("open", "fit"), ("resume_at_fit_start",)),
+    "on_train_start": (("train_start",),),
+    "on_train_epoch_start": (("open", "epoch", "train"),),
+    "on_train_batch_start": (("open", "batch", "train"),),
+    "on_train_batch_end": (("close", "batch", "train"),),
+    "on_validation_start": (("open_eval", "fit"),),
+    "on_validation_epoch_start": (("close", "epoch", "train"), ("open", "epoch", "valid")),
+    "on_validation_batch_start": (("open", "batch", "valid"),),
+    "on_validation_batch_end": (("close", "batch", "valid"),),
+    "on_validation_epoch_end": (("close", "epoch", "valid"),),
+    "on_validation_end": (("close_eval", "fit"),),
+    "on_train_epoch_end": (("close", "epoch", "train"),),
+    "on_fit_end": (("close", "fit"),),
+    "on_test_start": (("open_eval", "fit"),),
+    "on_test_epoch_start": (("open", "epoch", "test"),),
+    "on_test_batch_start": (("open", "batch", "test"),),
+    "on_test_batch_end": (("close", "batch", "test"),),
+    "on_test_epoch_end": (("close", "epoch", "test"),),
+    "on_test_end": (("close_eval", "fit"),),
+    "on_exception": (("abort",),),
+    "teardown": (("teardown",),),
+}
+"""Lightning hook -> what it drives, in order. `open`/`close` a scope (fit, epoch of a mode,
+batch); `open_eval`/`close_eval` the fit scope of `trainer.validate` / `trainer.test` (inside
+`trainer.fit` validation is part of the fit); `setup` binds the learner to the Trainer and
+refuses what cannot give native numbers; `resume_at_fit_start` and `train_start` apply a resume
+plan; `abort` fires the cleanups of the open scopes; `teardown` gives the learner back.
+Lightning runs validation inside the training epoch, before `on_train_epoch_end`: the training
+pass closes when validation starts, so the order of events is the native one."""
+
+STEP_TABLE: dict[str, str] = {
+    "training_step": "after_predict, after_loss, after_backward, after_step (learn.run_step)",
+    "validation_step": "after_predict, after_loss",
+    "test_step": "after_predict, after_loss",
+    "predict_step": "(no event) learn.predict_batch(): (preds, targets)",
+}
+"""The `LearnerModule` steps and the events they fire."""
+
+_SCOPE_EVENTS = {"fit": "before_fit / after_fit, cleanup_fit", "epoch": "before_epoch / after_epoch, cleanup_epoch",
+                 "batch": "before_batch / after_batch, cleanup_batch"}
+
+
+def hook_table_markdown() -> str:
+    """The README's table of Lightning hooks and the nntrain events they fire."""
+    lines = ["| Lightning hook | drives |", "|---|---|"]
+    for hook, actions in HOOK_TABLE.items():
+        lines.append(f"| `{hook}` | " + "; ".join(" ".join(a) for a in actions) + " |")
+    for step, events in STEP_TABLE.items():
+        lines.append(f"| `{step}` | {events} |")
+    return "\n".join(lines)
+
+
+class LearnerCallback(L.Callback):
+    """Runs a learner's subscribers under a Lightning Trainer: each hook drives the learner's
+    `Dispatcher` as `HOOK_TABLE` says. Needs the Trainer's module to be this learner's
+    `LearnerModule` (make both with `to_lightning`)."""
+
+    def __init__(self, module: Any, subs: list[Any]) -> None:
+        self.module = module
+        self.subs = list(subs)
+        self._table = {hook: tuple((getattr(self, f"_{a[0]}"), a[1:]) for a in actions)
+                       for hook, actions in HOOK_TABLE.items()}
+        self._saved: dict[str, Any] = {}
+        self._reopen = False  # resumed inside an epoch: Lightning starts it without on_train_epoch_start
+        self._skip = 0  # a native plan inside an epoch: the first batches were trained before the checkpoint
+
+    @property
+    def state_key(self) -> str:
+        """One per learner callback."""
+        return "nntrain.LearnerCallback"
+
+    def _drive(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        for action, params in self._table[hook]:
+            action(trainer, *params, *args)
+
+    # ----- Lightning hooks: each looks its row up in HOOK_TABLE -----------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:  # noqa: D102
+        self._drive("setup", trainer, stage)
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:  # noqa: D102
+        self._drive("teardown", trainer, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_fit_start", trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_train_start", trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_train_epoch_start", trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._drive("on_train_batch_start", trainer, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # noqa: D102
+        self._drive("on_train_batch_end", trainer, batch, batch_idx)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_validation_start", trainer)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_validation_epoch_start", trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:  # noqa: D102
+        self._drive("on_validation_batch_start", trainer, batch, batch_idx)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: D102
+        self._drive("on_validation_batch_end", trainer, batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_validation_epoch_end", trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_validation_end", trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_train_epoch_end", trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_fit_end", trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_test_start", trainer)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_test_epoch_start", trainer)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:  # noqa: D102
+        self._drive("on_test_batch_start", trainer, batch, batch_idx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:  # noqa: D102
+        self._drive("on_test_batch_end", trainer, batch, batch_idx)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_test_epoch_end", trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
+        self._drive("on_test_end", trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:  # noqa: D102
+        self._table["on_exception"][0][0](trainer)
+
+    # ----- actions ---------------------------------------------------------------------------------
+
+    def _setup(self, trainer: L.Trainer, stage: str) -> None:
+        """Bind the learner to this Trainer (engine, dispatch, epochs), or refuse what the bridge
+        cannot run with native numbers, before anything runs."""
+        from nntrain.adapters.engine import LightningEngine, refuse_unsupported
+
+        module, learn = self.module, self.module.learn
+        if trainer.lightning_module is not module:
+            raise ValueError("this LearnerCallback belongs to another LearnerModule: make both with "
+                             "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
+        refuse_unsupported(trainer, stage)
+        learn.engine = LightningEngine(module, trainer)
+        learn.dispatch.set_subs(self.subs)
+        learn.dispatch.propagate = False
+        learn.dispatch.reset()
+        self._reopen, self._skip = False, 0
+        fitting = stage == "fit"
+        plan = learn.resume_plan
+        offset = plan.epoch_offset if (fitting and plan is not None) else 0
+        module.epoch_offset = offset
+        learn.n_epochs = offset + trainer.max_epochs if fitting else 1
+        learn.epochs = range(learn.n_epochs)
+        learn.fit_valid = bool(trainer.limit_val_batches) if fitting else True
+        self._saved = {
+            "grads": [p.grad for p in learn.model.parameters()],  # Lightning sets them to None at its start
+            "dtypes": [t.dtype for t in learn.model.state_dict().values()],
+            "opt": learn.opt,
+            "training": learn.model.training,
+        }
+        if fitting:
+            learn.model.train()  # before Lightning checks the modes (as the native loop sets it)
+
+    def _teardown(self, trainer: L.Trainer, stage: str) -> None:
+        """Give the learner back its optimizer, engine, dispatch and dtypes; drop any resume plan."""
+        from nntrain.learner import NativeEngine
+
+        learn, saved = self.module.learn, self._saved
+        if not saved:
+            return
+        learn.opt = saved["opt"] if saved["opt"] is not None else getattr(self.module, "plain_opt", None)
+        _restore_dtypes(learn.model, saved["dtypes"])
+        learn.engine = NativeEngine()
+        learn.dispatch.set_subs(learn.subs)
+        learn.dispatch.propagate = True
+        learn.dispatch.reset()
+        learn.resume_plan = None
+        if stage != "fit":
+            learn.model.train(saved["training"])
+        self._saved = {}
+
+    def _open(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
+              batch_idx: int = 0) -> None:
+        learn = self.module.learn
+        dispatch = learn.dispatch
+        if scope == "batch":
+            if mode == "train":
+                if self._reopen:
+                    self._reopen_epoch(trainer)
+                if batch_idx < self._skip:  # trained before the checkpoint: no event, no step
+                    return
+            if dispatch.top != "epoch":  # its pass did not open (train=False) or was cancelled
+                return
+            learn.batch, learn.iter = batch, batch_idx
+            try:
+                dispatch.open_scope("batch")
+            except Exception as exc:
+                check_batch_structure(exc, batch, mode)
+                raise
+            return
+        if scope == "epoch":
+            if mode == "train":
+                self._reopen = False
+                self.module.train_iter = None
+                if not self.module.train_enabled:
+                    return
+            if dispatch.top != "fit" or dispatch.cancelled is not None:
+                return
+            learn.mode = mode
+            learn.epoch = self.module.epoch if mode == "train" or trainer.state.fn == "fit" else 0
+            learn.dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
+                        "test": trainer.test_dataloaders}[mode]
+        elif dispatch.top is not None:  # the fit scope is open already
+            return
+        dispatch.open_scope(scope)
+
+    def _close(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
+               batch_idx: int = 0) -> None:
+        learn = self.module.learn
+        dispatch = learn.dispatch
+        if scope == "batch":
+            if mode == "train" and self._skip and batch_idx == self._skip - 1:
+                self._skip = 0  # the last batch trained before the checkpoint: now its states
+                learn.resume_plan.apply_states(learn)
+            if dispatch.top != "batch":
+                return
+            if mode == "train":
+                self.module.train_iter = batch_idx  # the position a checkpoint records
+            try:
+                dispatch.close_scope("batch")
+            except Exception as exc:
+                check_batch_structure(exc, batch, mode)
+                raise
+            return
+        if scope == "epoch":
+            if mode == "train":
+                self.module.train_iter = None
+            if dispatch.top != "epoch" or learn.mode != mode:
+                return
+            was_training = learn.model.training
+            learn.model.train(mode == "train")  # Lightning may already have switched to eval
+            if mode == "train":
+                learn.dl = trainer.train_dataloader
+            try:
+                dispatch.close_scope("epoch")
+            finally:
+                learn.model.train(was_training)
+            return
+        while dispatch.top is not None and dispatch.top != "fit":  # a stop left scopes open
+            dispatch.close_scope(dispatch.top, failed=True)
+        self.module.restore_mode()
+        dispatch.close_scope("fit")
+
+    def _open_eval(self, trainer: L.Trainer, scope: str) -> None:
+        if trainer.state.fn != "fit":
+            self.module.learn.mode = "valid"
+            self._open(trainer, scope)
+
+    def _close_eval(self, trainer: L.Trainer, scope: str) -> None:
+        if trainer.state.fn != "fit":
+            self._close(trainer, scope)
+
+    def _abort(self, trainer: L.Trainer) -> None:
+        self.module.learn.dispatch.abort()
+
+    # ----- resuming ---------------------------------------------------------------------------------
+
+    def _resume_at_fit_start(self, trainer: L.Trainer) -> None:
+        """After `before_fit`, before Lightning makes the loader's iterator: at an epoch's end the
+        saved subscriber states and RNG (as natively before the next epoch); inside an epoch of
+        a native checkpoint the RNG the epoch's order was drawn from."""
+        learn = self.module.learn
+        plan = learn.resume_plan
+        if plan is None:
+            return
+        learn.global_step = plan.global_step
+        if not plan.inside_epoch:
+            plan.apply_states(learn)
+        elif not plan.lightning:
+            set_rng_state(plan.epoch_rng)
+
+    def _train_start(self, trainer: L.Trainer) -> None:
+        """Train mode, Lightning's optimizer wrapper as `learn.opt`, and the learner's gradients
+        (Lightning set them to None; `MomentumLearner` keeps `mom * grad`)."""
+        module = self.module
+        learn = module.learn
+        learn.model.train()
+        learn.opt = module.optimizers()
+        plan = learn.resume_plan
+        if plan is None:
+            set_grads(learn.model, self._saved["grads"])
+            return
+        set_grads(learn.model, plan.grads)
+        # Lightning may continue a resumed epoch without on_train_epoch_start: reopen it at its first batch
+        self._reopen = plan.lightning
+        if not plan.inside_epoch:
+            return
+        if not plan.lightning:
+            self._skip = plan.iter + 1  # Lightning replays the epoch's batches; the first ones run no step
+        elif module.epoch == plan.epoch:
+            module.check_resumable_loader(plan)
+        else:
+            self._finish_saved_epoch(trainer, plan)
+            self._reopen = True  # the next epoch starts without on_train_epoch_start too
+
+    def _reopen_epoch(self, trainer: L.Trainer) -> None:
+        """Lightning continued a training epoch without `on_train_epoch_start` (it resumed inside
+        it): fire `before_epoch`, then restore the checkpoint's subscriber states and RNG."""
+        self._open(trainer, "epoch", "train")
+        learn = self.module.learn
+        if learn.resume_plan is not None:
+            learn.resume_plan.apply_states(learn)
+
+    def _finish_saved_epoch(self, trainer: L.Trainer, plan: Any) -> None:
+        """Lightning resumes a checkpoint taken after an epoch's last training batch at the next
+        epoch, without that epoch's validation pass: close the saved training pass (`before_epoch`,
+        the saved states and RNG, `after_epoch`), as the native loop would."""
+        import warnings
+
+        if trainer.limit_val_batches:
+            warnings.warn(
+                f"Lightning resumes this checkpoint (taken after the last training batch of epoch {plan.epoch}) "
+                f"at epoch {plan.epoch + 1}, without running epoch {plan.epoch}'s validation pass: that epoch has "
+                "no validation metrics. Checkpoint at epoch ends (CheckpointS does) to keep them.",
+                RuntimeWarning, stacklevel=2)
+        learn = self.module.learn
+        offset = self.module.epoch_offset
+        self.module.epoch_offset = plan.epoch - trainer.current_epoch  # open the saved epoch
+        self._open(trainer, "epoch", "train")
+        self.module.epoch_offset = offset
+        plan.apply_states(learn)
+        self._close(trainer, "epoch", "train")
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
+    """Put every parameter and buffer back in its dtype (a `*-true` precision converted them)."""
+    tensors = list(model.state_dict(keep_vars=True).values())
+    if all(t.dtype == d for t, d in zip(tensors, dtypes)):
+        return
+    with torch.no_grad():
+        for t, dtype in zip(tensors, dtypes):
+            if t.dtype != dtype:
+                t.data = t.data.to(dtype)
+                if isinstance(t, torch.nn.Parameter) and t.grad is not None:
+                    t.grad = t.grad.to(dtype)

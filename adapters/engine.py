@@ -1,0 +1,168 @@
+"""`LightningEngine`: what a learner and its subscribers get from a Lightning Trainer (the
+`nntrain.learner.Engine` protocol), and the Trainer set-ups the bridge refuses up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from nntrain.checkpoint import atomic_write
+
+__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_unsupported"]
+
+REFUSED_CALLBACKS: dict[str, str] = {
+    "LearningRateFinder": "Lightning's LR finder (Tuner.lr_find) needs automatic optimization and "
+    "changes the learner's state; use learn.lr_find(engine='lightning'), which searches under Lightning "
+    "and puts the learner back",
+    "BatchSizeFinder": "Lightning's batch-size finder (Tuner.scale_batch_size) rebuilds the learner's "
+    "loaders; pick the batch size with DataLoaders.from_hf_dd(..., batch_size=...)",
+    "StochasticWeightAveraging": "it needs Lightning's LR-scheduler path, which the learner's manual "
+    "optimization does not use; average weights in a subscriber with torch.optim.swa_utils.AveragedModel",
+    "BackboneFinetuning": "it edits the optimizer's param groups behind the learner; freeze and unfreeze "
+    "layers in a subscriber's before_epoch (requires_grad_) on either engine",
+}
+"""Lightning callbacks that cannot give the native numbers under the bridge, with the alternative."""
+
+
+def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
+    """Raise before the first batch for Trainer set-ups the bridge cannot run with native numbers.
+
+    Raises:
+        ValueError: naming the option or callback and what to use instead.
+    """
+    for cb in trainer.callbacks:
+        why = REFUSED_CALLBACKS.get(type(cb).__name__)
+        if why is not None:
+            raise ValueError(f"{type(cb).__name__} is not supported by the nntrain bridge: {why}")
+    if stage == "fit" and trainer.val_check_interval != 1.0:
+        raise ValueError(
+            f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
+            "an epoch is a training pass then one validation pass on both engines; validate more often "
+            "with shorter epochs (limit_train_batches=0.5) or every few epochs (check_val_every_n_epoch)")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError("accumulate_grad_batches is not supported by the nntrain bridge: the learner steps "
+                         "the optimizer itself; accumulate by overriding Learner.step/zero_grad")
+
+
+class LightningEngine:
+    """The engine of a learner under Lightning: backward through `manual_backward`, the step
+    through Lightning's optimizer wrapper (precision plugins and strategies apply), cancels as
+    `trainer.should_stop`, epoch values through `LightningModule.log` and the Trainer's loggers,
+    checkpoints through `trainer.save_checkpoint`.
+
+    With a gradient scaler (`16-mixed`), `after_backward` sees unscaled gradients and kept
+    gradients (`MomentumLearner`) are never scaled: the new gradients are unscaled right after
+    backward (scales are powers of two, so exactly), added to the kept ones, and scaled again
+    just before Lightning's step unscales them. A step the scaler skips (inf/NaN gradients)
+    leaves the weights and the kept gradients as they were before the batch.
+    """
+
+    name = "lightning"
+    saves_on_interrupt = False  # Lightning handles Ctrl-C itself
+    resumes_after_last_batch = False  # Lightning resumes such a checkpoint at the next epoch
+    runs_compiled_steps = False
+
+    def __init__(self, module: L.LightningModule, trainer: L.Trainer) -> None:
+        self.module = module
+        self.trainer = trainer
+        self.rank = trainer.global_rank
+        self.scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.claimed: list[Any] = []  # loggers a subscriber writes through itself
+        self.logs_steps = bool(trainer.loggers) or trainer.progress_bar_callback is not None
+        self._kept: list[torch.Tensor | None] = []
+
+    @property
+    def _raw_opt(self) -> torch.optim.Optimizer:
+        return self.module.optimizers(use_pl_optimizer=False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate through Lightning (precision scaling, strategy hooks)."""
+        if self.scaler is None:
+            self.module.manual_backward(loss)
+            return
+        params = list(self.module.model.parameters())
+        self._kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        self.module.manual_backward(loss)
+        inv = self.scaler._scale.double().reciprocal().float()  # a power of two: exact
+        with torch.no_grad():
+            for p, kept in zip(params, self._kept):
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+                    if kept is not None:
+                        p.grad.add_(kept)
+                elif kept is not None:
+                    p.grad = kept.clone()
+
+    def step(self, opt: Any) -> None:
+        """Lightning's optimizer step (with a scaler: see the class doc)."""
+        if self.scaler is None:
+            opt.step()
+            return
+        scale = self.scaler._scale
+        before = scale.clone()
+        params = list(self.module.model.parameters())
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        opt.step()
+        # the scaler synced already to decide; this reads its decision
+        if bool(self.scaler._scale < before):
+            for p, kept in zip(params, self._kept):
+                p.grad = None if kept is None else kept.clone()
+
+    def on_cancel(self, scope: str) -> None:
+        """A cancelled fit stops the Trainer."""
+        if scope == "fit":
+            self.trainer.should_stop = True
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        """`LightningModule.log` for `callback_metrics` (EarlyStopping, ModelCheckpoint, the
+        dicts `trainer.validate` and `trainer.test` return), and every logger no subscriber
+        writes through itself."""
+        sync = self.trainer.world_size > 1  # values are already global; this only silences a warning
+        for name, value in values.items():
+            self.module.log(name, value, on_step=False, on_epoch=True, sync_dist=sync, logger=False)
+        loggers = [lg for lg in self.trainer.loggers if lg not in self.claimed]
+        if loggers and self.rank == 0:
+            step = self.trainer.global_step
+            for lg in loggers:
+                lg.log_metrics({**values, "epoch": self.module.learn.epoch}, step=step)
+
+    def log_step(self, loss: torch.Tensor) -> None:
+        """The training loss on the progress bar (read when it refreshes), and with the lr to the
+        loggers no subscriber writes through every `log_every_n_steps` steps (one host read then)."""
+        trainer = self.trainer
+        if trainer.progress_bar_callback is not None:
+            self.module.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        loggers = [lg for lg in trainer.loggers if lg not in self.claimed]
+        if loggers and self.rank == 0 and self.module.learn.global_step % trainer.log_every_n_steps == 0:
+            from nntrain.learner import get_lr
+
+            values = {"train/loss_step": float(loss.detach()), "train/lr": float(get_lr(self.module.learn.opt))}
+            for lg in loggers:
+                lg.log_metrics(values, step=self.module.learn.global_step)
+
+    def save_checkpoint(self, stem: Any, learner_state: dict[str, Any], learn: Any) -> Path:
+        """A Lightning checkpoint `<stem>.ckpt` through the Trainer (every rank takes part; rank 0
+        writes), with `learner_state` as its `"nntrain"` entry."""
+        self.module.pending_state = learner_state
+        try:
+            return atomic_write(f"{stem}.ckpt", self.trainer.save_checkpoint, commit=self.trainer.is_global_zero)
+        finally:
+            self.module.pending_state = None
+
+    def tensorboard_logger(self) -> Any:
+        """The Trainer's first `TensorBoardLogger`, claimed by the asking subscriber (the bridge
+        then logs nothing to it itself), or None."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is not None and logger not in self.claimed:
+            self.claimed.append(logger)
+        return logger

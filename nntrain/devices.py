@@ -1,0 +1,33 @@
+"""Moving tensors: `to_device` (nested batches) and `default_device`, shared by the loop and `DeviceS`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["default_device", "to_device"]
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """`obj` with every tensor in it moved to `device`.
+
+    Tensors, and tuples (named ones too), lists and mappings of them, nested; anything else is
+    returned as is. Mappings come back as plain dicts.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        items = [to_device(v, device, non_blocking) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [to_device(v, device, non_blocking) for v in obj]
+    return obj
