@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from nntrain.checkpoint import atomic_write
 
-__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_unsupported"]
+__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported"]
 
 REFUSED_CALLBACKS: dict[str, str] = {
     "LearningRateFinder": "Lightning's LR finder (Tuner.lr_find) needs automatic optimization and "
@@ -27,16 +28,21 @@ REFUSED_CALLBACKS: dict[str, str] = {
 """Lightning callbacks that cannot give the native numbers under the bridge, with the alternative."""
 
 
+def refuse_callbacks(callbacks: list[Any]) -> None:
+    """Raise for a callback of `REFUSED_CALLBACKS`, naming the alternative."""
+    for cb in callbacks:
+        why = REFUSED_CALLBACKS.get(type(cb).__name__)
+        if why is not None:
+            raise ValueError(f"{type(cb).__name__} is not supported by the nntrain bridge: {why}")
+
+
 def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
     """Raise before the first batch for Trainer set-ups the bridge cannot run with native numbers.
 
     Raises:
         ValueError: naming the option or callback and what to use instead.
     """
-    for cb in trainer.callbacks:
-        why = REFUSED_CALLBACKS.get(type(cb).__name__)
-        if why is not None:
-            raise ValueError(f"{type(cb).__name__} is not supported by the nntrain bridge: {why}")
+    refuse_callbacks(trainer.callbacks)
     if stage == "fit" and trainer.val_check_interval != 1.0:
         raise ValueError(
             f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
@@ -126,6 +132,12 @@ class LightningEngine:
         dicts `trainer.validate` and `trainer.test` return), and every logger no subscriber
         writes through itself."""
         sync = self.trainer.world_size > 1  # values are already global; this only silences a warning
+        if self.trainer.state.fn != "fit":  # validate/test return only what is logged for loggers
+            with warnings.catch_warnings():  # our own call: "logger=True but no logger configured"
+                warnings.filterwarnings("ignore", ".*no logger configured.*")
+                for name, value in values.items():
+                    self.module.log(name, value, on_step=False, on_epoch=True, sync_dist=sync, logger=True)
+            return
         for name, value in values.items():
             self.module.log(name, value, on_step=False, on_epoch=True, sync_dist=sync, logger=False)
         loggers = [lg for lg in self.trainer.loggers if lg not in self.claimed]

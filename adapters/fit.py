@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from nntrain.adapters.callback import LearnerCallback
+from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
 from nntrain.learner import Learner, Subscriber, collate_preds, subscriber_engines
@@ -142,6 +143,7 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
                              f"nntrain bridge: {why}")
     if not isinstance(learn.model, nn.Module):
         raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
+    refuse_callbacks(trainer_kwargs.get("callbacks") or [])  # some act in their own setup, before ours
     _, needs = _bridgeable([*learn.subs, *subs])
     learn.add_subs(subs)
     try:

@@ -194,3 +194,13 @@ def test_lightning_precision_plugin_applies_to_the_learners_step():
     assert (full_dtype, half_dtype) == (torch.float32, torch.bfloat16)  # autocast wraps predict
     assert not torch.equal(full, half)
     torch.testing.assert_close(half, full, atol=2e-2, rtol=0)  # and training still follows fp32
+
+
+def test_readme_hook_table_is_the_code_table():
+    from pathlib import Path
+
+    from nntrain.adapters import hook_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- hook-table -->\n", 1)[1].split("\n<!-- /hook-table -->", 1)[0]
+    assert block == hook_table_markdown()
