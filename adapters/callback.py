@@ -326,6 +326,10 @@ class LearnerCallback(L.Callback):
         (Lightning set them to None; `MomentumLearner` keeps `mom * grad`)."""
         module = self.module
         learn = module.learn
+        if module.lr_schedulers():
+            raise ValueError("LR schedulers from configure_optimizers are not stepped by the nntrain bridge "
+                             "(its optimization is manual): set the lr in a subscriber (param_groups' "
+                             "'lr' in before_batch), which runs on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
         plan = learn.resume_plan

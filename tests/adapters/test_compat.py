@@ -18,7 +18,7 @@ from lightning.pytorch.tuner import Tuner
 from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.adapters import to_lightning, trainer_defaults
+from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from nntrain.learner import Learner, MomentumLearner
 from nntrain.subscribers.metrics import MetricsS
 from nntrain.subscribers.tensorboard import TensorBoardS
@@ -236,3 +236,31 @@ def test_tuner_lr_find_is_refused_and_the_learner_is_unchanged():
     with pytest.raises(ValueError, match=r"learn\.lr_find\(engine='lightning'\)"):
         quiet(Tuner(trainer).lr_find, module)
     assert learn.global_step == 0 and metrics.history == [] and learn.engine.name == "native"
+
+
+class ScheduledModule(LearnerModule):
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+
+
+def test_a_scheduler_from_configure_optimizers_is_refused_before_the_first_batch():
+    rec = Recorder()
+    learn, metrics = learner()
+    learn.add_subs([rec])
+    module, callbacks = to_lightning(learn)
+    module = ScheduledModule(learn)
+    callbacks[0].module = module
+    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, **trainer_defaults(CPU))
+    with pytest.raises(ValueError, match="LR schedulers.*subscriber"):
+        quiet(trainer.fit, module)
+    assert not [e for e in rec.trace if e[0] == "before_batch"] and learn.global_step == 0
+
+
+def test_a_default_lightning_fit_prints_no_warning_caused_by_the_bridge():
+    learn, _ = learner()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(1, engine="lightning")
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "logger" in m or "eval mode" in m], messages
