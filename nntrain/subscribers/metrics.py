@@ -42,6 +42,23 @@ def format_row(row: Row) -> str:
     return " | ".join(parts)
 
 
+def real_samples(dl: Any) -> int | None:
+    """How many of this process's samples in a pass over `dl` are real, when `dl` samples with a
+    padding `DistributedSampler` (it repeats the first indices so every rank gets as many); None
+    when nothing is padded.
+
+    The sampler gives rank r the positions r, r + W, r + 2W, ... of the padded index list; the
+    positions at or past the dataset's length are the repeats, so they come last on each rank.
+    """
+    sampler = getattr(dl, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.drop_last:
+        return None
+    n = len(sampler.dataset)
+    if sampler.total_size == n:
+        return None
+    return len(range(sampler.rank, n, sampler.num_replicas))
+
+
 def _world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -330,6 +347,8 @@ class MetricsS(Subscriber):
 
     def __init__(self, *, flush_every: int = 256, max_buffered: int = 1 << 22, **metrics: Any) -> None:
         self.acc = MetricAccumulator(metrics, flush_every, max_buffered)
+        self._real: int | None = None  # real samples of this rank's pass (None: the loader pads nothing)
+        self._seen = 0
         self.history: list[Row] = []
         self.sink: Callable[[Row], None] | None = None
 
@@ -352,12 +371,29 @@ class MetricsS(Subscriber):
         learn.metrics = self
 
     def before_epoch(self, learn: Any) -> None:
-        """Start the epoch's values from zero."""
+        """Start the epoch's values from zero; note how many samples are real (not a
+        `DistributedSampler`'s padding) when the loader pads."""
         self.acc.reset()
+        self._real = real_samples(learn.dl)
+        self._seen = 0
 
     def after_batch(self, learn: Any) -> None:
-        """Buffer the batch's predictions, targets and loss (no sync)."""
-        self.acc.add(learn.preds, learn.batch[1], learn.loss)
+        """Buffer the batch's predictions, targets and loss (no sync). Under a padding
+        `DistributedSampler`, the repeated samples at the end of this rank's pass are left out
+        (the loss of a batch holding some is computed again on the real ones), so the values
+        are those of one process over the dataset."""
+        if self._real is None:
+            self.acc.add(learn.preds, learn.batch[1], learn.loss)
+            return
+        preds, targets = learn.preds, learn.batch[1]
+        n = targets.shape[0]
+        keep = min(max(self._real - self._seen, 0), n)
+        self._seen += n
+        if keep == n:
+            self.acc.add(preds, targets, learn.loss)
+        elif keep > 0:
+            with torch.no_grad():
+                self.acc.add(preds[:keep], targets[:keep], learn.loss_fn(preds[:keep], targets[:keep]))
 
     def after_epoch(self, learn: Any) -> None:
         """Compute the epoch's row, keep it in `history` and `output` it."""
@@ -382,10 +418,11 @@ class MetricsS(Subscriber):
 
     def state_dict(self) -> dict[str, Any]:
         """The history and the epoch in progress (see `MetricAccumulator.state_dict`), for checkpoints."""
-        return {"history": [dict(row) for row in self.history], "epoch": self.acc.state_dict()}
+        return {"history": [dict(row) for row in self.history], "epoch": self.acc.state_dict(), "seen": self._seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the history (and the epoch in progress, when saved) from `state_dict`."""
         self.history = [dict(row) for row in state["history"]]
         if "epoch" in state:
             self.acc.load_state_dict(state["epoch"])
+        self._seen = state.get("seen", 0)

@@ -261,3 +261,37 @@ def test_buffer_is_folded_in_when_it_reaches_max_buffered_elements():
     acc.add(preds, targets, loss)
     assert acc.count == 12 and acc._sizes == []  # 36 >= 25: folded in
     assert acc.compute() == {"loss": 2.0, "mean": 1.0}
+
+
+@pytest.mark.parametrize("n, world, expected", [(61, 2, [31, 30]), (359, 2, [180, 179]), (10, 4, [3, 3, 2, 2]),
+                                                (64, 2, [None, None])])
+def test_real_samples_counts_what_a_distributed_sampler_did_not_pad(n, world, expected):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from nntrain.subscribers.metrics import real_samples
+    from tests.helpers import tiny_data
+
+    data = tiny_data(n)
+    got = [real_samples(DataLoader(data, sampler=DistributedSampler(data, num_replicas=world, rank=r, shuffle=False)))
+           for r in range(world)]
+    assert got == expected
+    if expected[0] is not None:
+        assert sum(got) == n
+    assert real_samples(DataLoader(data)) is None
+
+
+def test_padded_samples_at_the_end_of_a_rank_are_left_out():
+    """One 'rank' of 2 over 5 samples gets positions 1, 3 and the repeat of sample 0: its row
+    covers the 2 real ones, with the loss of the last batch computed again on them."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    data = tiny_data(5)
+    dl = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    metrics = MetricsS()
+    learn = Learner(tiny_model(), SimpleNamespace(train=dl, valid=dl), F.cross_entropy, subs=[metrics])
+    learn.fit(1, train=False)
+    x = torch.stack([data[i][0] for i in (1, 3)])
+    y = torch.stack([data[i][1] for i in (1, 3)])
+    with torch.no_grad():
+        expected = F.cross_entropy(learn.model(x), y).item()
+    assert metrics.last["loss"] == pytest.approx(expected, abs=1e-6)
