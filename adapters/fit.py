@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from nntrain.adapters.callback import LearnerCallback
+from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
@@ -171,7 +174,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
             options["limit_train_batches"] = 1
         user_callbacks = list(trainer_kwargs.get("callbacks") or [])
         trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **options)
-        trainer.fit(module, ckpt_path=ckpt_path)
+        with _spawned_results(trainer, module):
+            trainer.fit(module, ckpt_path=ckpt_path)
         return trainer
     finally:
         learn.resume_plan = None
@@ -220,3 +224,23 @@ def _tensorboard_logger(needs: dict[str, Any]) -> Any:
     make_log_dir(needs["tensorboard_dir"])  # an unusable directory: a clear error, before training
     return TensorBoardLogger(save_dir=str(needs["tensorboard_dir"]), name=needs.get("tensorboard_name") or "",
                              default_hp_metric=False)
+
+
+@contextlib.contextmanager
+def _spawned_results(trainer: L.Trainer, module: LearnerModule) -> Iterator[None]:
+    """When Lightning runs the fit in processes it starts (`ddp_spawn`, `ddp_fork`), rank 0 writes
+    what the fit leaves in the learner to a temporary file and the caller's learner loads it,
+    as a `ddp` run leaves it on rank 0 (Lightning itself brings back only the weights)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="nntrain-spawn-") as tmp:
+        module.results_path = os.path.join(tmp, "results.pt")
+        try:
+            yield
+        finally:
+            module.results_path, path = None, module.results_path
+        if os.path.exists(path):
+            load_results(module.learn, path)

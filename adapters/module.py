@@ -77,6 +77,7 @@ class LearnerModule(L.LightningModule):
         self.epoch_offset = 0  # the learner's epoch at this Trainer's epoch 0 (a resumed native checkpoint)
         self.train_iter: int | None = None  # last training batch run in the current training pass
         self.pending_state: dict[str, Any] | None = None  # the state CheckpointS is saving
+        self.results_path: str | None = None  # set when Lightning runs the fit in processes it starts
 
     @property
     def epoch(self) -> int:

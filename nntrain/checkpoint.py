@@ -37,6 +37,7 @@ __all__ = [
     "check_model",
     "set_grads",
     "subscriber_states",
+    "load_subscriber_states",
     "learner_state",
     "native_checkpoint",
     "ResumePlan",
@@ -288,6 +289,17 @@ def subscriber_states(subs: list[Any]) -> dict[str, Any]:
     return out
 
 
+def load_subscriber_states(subs: list[Any], states: dict[str, Any]) -> None:
+    """Give each subscriber its state from `subscriber_states` (by class name and occurrence)."""
+    seen: dict[str, int] = {}
+    for sub in subs:
+        name = type(sub).__qualname__
+        key = f"{name}#{seen.get(name, 0)}"
+        seen[name] = seen.get(name, 0) + 1
+        if key in states and callable(getattr(sub, "load_state_dict", None)):
+            sub.load_state_dict(states[key])
+
+
 def learner_state(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, subs: dict | None = None,
                   epoch_rng: dict | None = None) -> dict[str, Any]:
     """The learner state of `LEARNER_KEYS` at position (`epoch`, `iter_`); `rng` and `subs`
@@ -396,13 +408,7 @@ class ResumePlan:
         if self.applied:
             return
         self.applied = True
-        seen: dict[str, int] = {}
-        for sub in learn.subs:
-            name = type(sub).__qualname__
-            key = f"{name}#{seen.get(name, 0)}"
-            seen[name] = seen.get(name, 0) + 1
-            if key in self.subs and callable(getattr(sub, "load_state_dict", None)):
-                sub.load_state_dict(self.subs[key])
+        load_subscriber_states(learn.subs, self.subs)
         set_rng_state(self.rng)
 
 

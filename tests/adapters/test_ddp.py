@@ -68,12 +68,19 @@ def test_ddp_lr_finder_takes_the_same_decision_on_every_rank(tmp_path):
     retry_on_worker_abort(lambda: learn.fit(20, valid=False, lr=1e-3, subs=[finder], **DDP))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["lrs"]) > 3 and r0["lrs"] == r1["lrs"] and r0["losses"] == r1["losses"]
+    assert finder.lrs == r0["lrs"] and finder.losses == r0["losses"]  # back in the caller's finder
 
 
-def test_ddp_spawn_trained_weights_come_back_to_the_learners_model():
+def test_ddp_spawn_brings_back_weights_history_steps_and_optimizer_state():
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
-    learn = Learner(model, eval_dls(), F.cross_entropy, lr=0.5)
+    metrics = MetricsS(accuracy=MulticlassAccuracy())
+    learn = Learner(model, eval_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05, subs=[metrics])
     retry_on_worker_abort(lambda: learn.fit(2, **DDP))
     assert learn.model is model
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # 16 training samples over 2 ranks, batch 8: one step per epoch
+    assert learn.global_step == 2 and learn.epoch == 1
+    assert [(r["epoch"], r["mode"]) for r in metrics.history] == [(0, "train"), (0, "valid"), (1, "train"),
+                                                                  (1, "valid")]
+    assert learn.opt.state_dict()["state"][0]["step"].item() == 2  # Adam's state came back too
