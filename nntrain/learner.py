@@ -306,13 +306,18 @@ class NativeEngine:
     """The learner's own loop: plain autograd, cancels unwind the Python stack."""
 
     name = "native"
-    rank = 0
     saves_on_interrupt = True
     resumes_after_last_batch = True
     runs_compiled_steps = True
 
     def __init__(self) -> None:
         self.logged: dict[str, float] = {}  # the last values logged by name (`learn.evaluate` returns them)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in `torch.distributed` (0 when it is not initialised)."""
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def backward(self, loss: torch.Tensor) -> None:
         """Call `loss.backward()`."""

@@ -67,6 +67,7 @@ class ProgressS(Subscriber):
         self._valid_row_loss: float | None = None
         self._next_refresh = 0.0
         self._notebook = False
+        self._quiet = False
         self._display: Any = None
 
     # ----- events ----------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class ProgressS(Subscriber):
     def before_fit(self, learn: Any) -> None:
         """Reset the table and plot data and take over the printing of `learn.metrics`."""
         self.rows, self._columns = [], None
+        self._quiet = learn.engine.rank != 0  # under DDP only rank 0 shows bars, table and plot
         self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], []
         self._notebook, self._display = _in_notebook(), None
         metrics = getattr(learn, "metrics", None)
@@ -90,6 +92,7 @@ class ProgressS(Subscriber):
             desc=f"epoch {learn.epoch + 1}/{learn.n_epochs} {mode}",
             leave=False,
             dynamic_ncols=True,
+            disable=self._quiet,
         )
         self._next_refresh = time.monotonic() + self.refresh_every
 
@@ -127,6 +130,8 @@ class ProgressS(Subscriber):
         self.rows.append(dict(row))
         if row.get("mode", "train") != "train" and "loss" in row:
             self._valid_row_loss = float(row["loss"])
+        if self._quiet:
+            return
         if self._columns is None:
             self._columns = list(row)
             self._widths = [max(len(str(c)), len(_cell(row[c])), 6) for c in self._columns]
@@ -176,7 +181,7 @@ class ProgressS(Subscriber):
             self.valid_steps.append(learn.global_step)
         else:
             return  # the validation pass was skipped
-        if self._notebook:
+        if self._notebook and not self._quiet:
             self._show()
 
     def _show(self) -> None:

@@ -151,3 +151,19 @@ def test_plot_data_on_the_lightning_engine():
     )
     assert progress.train_steps == list(range(2 * N_TRAIN_BATCHES))
     assert progress.valid_steps == [N_TRAIN_BATCHES, 2 * N_TRAIN_BATCHES] and len(progress.rows) == 4
+
+
+def test_only_rank_zero_prints(capsys):
+    """Under DDP every rank runs the subscribers; a non-zero rank shows no bar, table or plot."""
+    from nntrain.learner import NativeEngine
+
+    class RankOne(NativeEngine):
+        rank = 1
+
+    metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS()
+    learn = make_learner([metrics, progress])
+    learn.engine = RankOne()
+    learn.fit(1)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert [(r["epoch"], r["mode"]) for r in progress.rows] == [(0, "train"), (0, "valid")]  # kept, not shown
