@@ -213,8 +213,8 @@ class Dispatcher:
                 raise
 
     def _cancel(self, exc: CancelException, scope: str) -> None:
-        target = _SCOPE_OF.get(type(exc)) or next(s for t, s in _SCOPE_OF.items() if isinstance(exc, t))
-        if target not in self.open:
+        target = _SCOPE_OF.get(type(exc)) or next((s for t, s in _SCOPE_OF.items() if isinstance(exc, t)), None)
+        if target is None or target not in self.open:
             raise exc  # a cancel of a scope that is not open: as natively, it escapes
         if self.cancelled is None or _DEPTH[target] < _DEPTH[self.cancelled]:
             self.cancelled = target

@@ -247,3 +247,25 @@ def test_infer_single_and_batch_in_eval_mode_without_grad():
     torch.testing.assert_close(out, model[0](x).detach())  # dropout off: eval mode
     torch.testing.assert_close(learn.infer(x[1], single=True), out[1])
     assert model.training  # mode restored
+
+
+def test_a_cancel_subclass_cancels_its_scope_and_the_bare_base_class_escapes():
+    from nntrain.learner import CancelException
+
+    class SkipRest(CancelEpochException):
+        pass
+
+    class Stop:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def before_batch(self, learn):
+            if learn.model.training and learn.iter == 1:
+                raise self.exc
+
+    rec = Recorder()
+    learn = small_learner()
+    learn.fit(1, subs=[rec, Stop(SkipRest())])
+    assert [e[3] for e in rec.trace if e[0] == "after_batch" and e[1] == "train"] == [0]
+    with pytest.raises(CancelException):
+        small_learner().fit(1, subs=[Stop(CancelException())])
