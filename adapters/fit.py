@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -123,6 +124,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
     at the same place, and `TensorBoardS` writes its run through it (one event file per run).
     Callbacks that need checkpointing, a progress bar or a logger get them turned on.
+    Lightning's info lines (the accelerator banner, tips, "`Trainer.fit` stopped") are shown only
+    with `verbose=True`; its warnings always are.
 
     `resume` (as in `Learner.fit`: a file, a directory, or "last") names a checkpoint:
     - a Lightning checkpoint (from `CheckpointS` on this engine, or a `ModelCheckpoint`) goes to
@@ -147,6 +150,7 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     if not isinstance(learn.model, nn.Module):
         raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
     refuse_callbacks(trainer_kwargs.get("callbacks") or [])  # some act in their own setup, before ours
+    verbose = bool(trainer_kwargs.pop("verbose", False))
     _, needs = _bridgeable([*learn.subs, *subs])
     learn.add_subs(subs)
     try:
@@ -173,9 +177,10 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none
             options["limit_train_batches"] = 1
         user_callbacks = list(trainer_kwargs.get("callbacks") or [])
-        trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **options)
-        with _spawned_results(trainer, module):
-            trainer.fit(module, ckpt_path=ckpt_path)
+        with _lightning_info(verbose):
+            trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **options)
+        with _spawned_results(trainer, module), _lightning_info(verbose):
+            trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path is not None else None)
         return trainer
     finally:
         learn.resume_plan = None
@@ -188,7 +193,8 @@ def _eval_trainer(learn: Learner, subs: Sequence[Subscriber], trainer_kwargs: di
     module, callbacks = to_lightning(learn, subs=subs)
     options = _options(learn, needs, trainer_kwargs)
     user_callbacks = list(trainer_kwargs.get("callbacks") or [])
-    return L.Trainer(callbacks=[*callbacks, *user_callbacks], **options), module
+    with _lightning_info(False):
+        return L.Trainer(callbacks=[*callbacks, *user_callbacks], **options), module
 
 
 def evaluate_lightning(learn: Learner, dl: Any = None, subs: Sequence[Subscriber] = (),
@@ -197,10 +203,11 @@ def evaluate_lightning(learn: Learner, dl: Any = None, subs: Sequence[Subscriber
     if learn.opt is None:
         learn.create_opt()
     trainer, module = _eval_trainer(learn, subs, trainer_kwargs)
-    if dl is None:
-        results = trainer.validate(module, dataloaders=learn.dls.valid, verbose=False)
-    else:
-        results = trainer.test(module, dataloaders=dl, verbose=False)
+    with _lightning_info(False):
+        if dl is None:
+            results = trainer.validate(module, dataloaders=learn.dls.valid, verbose=False)
+        else:
+            results = trainer.test(module, dataloaders=dl, verbose=False)
     return dict(results[0]) if results else {}
 
 
@@ -208,7 +215,8 @@ def predict_lightning(learn: Learner, dl: Any = None, **trainer_kwargs: Any
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`learn.get_preds(dl, engine="lightning")`: `trainer.predict`, concatenated as natively."""
     trainer, module = _eval_trainer(learn, (), trainer_kwargs)
-    outputs = trainer.predict(module, dataloaders=learn.dls.valid if dl is None else dl)
+    with _lightning_info(False):
+        outputs = trainer.predict(module, dataloaders=learn.dls.valid if dl is None else dl)
     return collate_preds(outputs or [])
 
 
@@ -244,3 +252,20 @@ def _spawned_results(trainer: L.Trainer, module: LearnerModule) -> Iterator[None
             module.results_path, path = None, module.results_path
         if os.path.exists(path):
             load_results(module.learn, path)
+
+
+@contextlib.contextmanager
+def _lightning_info(verbose: bool) -> Iterator[None]:
+    """Lightning's INFO log lines off (unless `verbose`) for the duration; warnings untouched."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -264,3 +264,16 @@ def test_a_default_lightning_fit_prints_no_warning_caused_by_the_bridge():
         learn.fit(1, engine="lightning")
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "logger" in m or "eval mode" in m], messages
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_lightning_info_lines_only_with_verbose(verbose, caplog):
+    import logging
+
+    learn, _ = learner()
+    level = logging.getLogger("lightning.pytorch").level
+    with caplog.at_level(logging.INFO):
+        quiet(learn.fit, 1, engine="lightning", verbose=verbose)
+    banner = [r for r in caplog.records if "GPU available" in r.getMessage() or "stopped" in r.getMessage()]
+    assert bool(banner) == verbose
+    assert logging.getLogger("lightning.pytorch").level == level  # put back
