@@ -130,3 +130,24 @@ def test_an_unwritable_logdir_fails_before_training(tmp_path, capsys, engine):
 def test_plot_needs_the_progress_display(tmp_path, capsys):
     assert main(["fit", "--plot", "--no-progress", "--logdir", str(tmp_path)]) == 1
     assert_one_error_line(capsys.readouterr(), "--plot")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--epochs", "abc"], "--epochs: must be a positive integer, got abc"),
+    (["fit", "--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
+    (["fit", "--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+    (["fit", "--momentum", "x"], "--momentum: must be a number in [0, 1), got x"),
+])
+def test_bad_numbers_are_one_line_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == "nntrain 0.1.0"
