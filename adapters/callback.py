@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from nntrain.checkpoint import learner_state, load_subscriber_states, set_grads, set_rng_state
-from nntrain.learner import check_batch_structure
+from nntrain.learner import check_batch_structure, set_lr
 
 __all__ = ["HOOK_TABLE", "STEP_TABLE", "LearnerCallback"]
 
@@ -334,6 +334,8 @@ class LearnerCallback(L.Callback):
                              "'lr' in before_batch), which runs on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
+        if module.fit_lr is not None and learn.resume_plan is not None:  # Lightning restored the saved lr
+            set_lr(learn.opt, module.fit_lr)
         plan = learn.resume_plan
         if plan is None:
             set_grads(learn.model, self._saved["grads"])

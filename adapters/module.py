@@ -78,6 +78,7 @@ class LearnerModule(L.LightningModule):
         self.train_iter: int | None = None  # last training batch run in the current training pass
         self.pending_state: dict[str, Any] | None = None  # the state CheckpointS is saving
         self.results_path: str | None = None  # set when Lightning runs the fit in processes it starts
+        self.fit_lr: float | None = None  # fit(lr=...): wins over the lr in a resumed optimizer state
 
     @property
     def epoch(self) -> int:

@@ -537,6 +537,8 @@ class Learner:
             self.prepare_fit(epochs, lr)
             if resume is not None:
                 self.resume_plan = ResumePlan.restore(self, resume, train)
+                if lr is not None:  # the checkpoint's optimizer state carried its lr: this fit's wins
+                    set_lr(self.opt, lr)
             self._start_native()
             self._scope("fit", self._fit_body, train, valid)
         finally:

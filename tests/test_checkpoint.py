@@ -379,3 +379,29 @@ def test_metric_accumulator_state_survives_a_checkpoint_file_mid_epoch(tmp_path)
     for b in batches[3:]:
         resumed.add(*b)
     assert resumed.compute() == whole.compute()
+
+
+class LrSeen(Subscriber):
+    """The lr of every optimizer step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def after_step(self, learn):
+        self.lrs.append(learn.opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("first, second", [("native", "native"), ("native", "lightning"),
+                                           ("lightning", "lightning")])
+def test_fit_lr_wins_over_the_checkpoints_lr_on_resume(tmp_path, first, second):
+    import warnings
+
+    learn, _ = make(CheckpointS(tmp_path), StopAt(1, 0, event="before_batch"), resumable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit(EPOCHS, engine=first)
+        seen = LrSeen()
+        learn, _ = make(CheckpointS(tmp_path), seen, resumable=True)
+        learn.fit(EPOCHS, lr=0.03, resume="last", engine=second)
+    assert learn.lr == 0.03 and seen.lrs and set(seen.lrs) == {0.03}
+    assert learn.opt.param_groups[0]["lr"] == 0.03
