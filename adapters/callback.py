@@ -225,38 +225,46 @@ class LearnerCallback(L.Callback):
 
     def _open(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
               batch_idx: int = 0) -> None:
+        if scope == "batch":
+            self._open_batch(trainer, mode, batch, batch_idx)
+        elif scope == "epoch":
+            self._open_epoch(trainer, mode)
+        elif self.module.learn.dispatch.top is None:  # else the fit scope is open already
+            self.module.learn.dispatch.open_scope("fit")
+
+    def _open_batch(self, trainer: L.Trainer, mode: str, batch: Any, batch_idx: int) -> None:
+        learn = self.module.learn
+        if mode == "train":
+            if self._reopen:
+                self._reopen_epoch(trainer)
+            if batch_idx < self._skip:  # trained before the checkpoint: no event, no step
+                return
+        if learn.dispatch.top != "epoch":  # its pass did not open (train=False) or was cancelled
+            return
+        learn.batch, learn.iter = batch, batch_idx
+        try:
+            learn.dispatch.open_scope("batch")
+        except Exception as exc:
+            check_batch_structure(exc, batch, mode)
+            raise
+
+    def _open_epoch(self, trainer: L.Trainer, mode: str, epoch: int | None = None) -> None:
+        """Open the `mode` pass of `epoch` (default: the Trainer's, or 0 outside a fit)."""
         learn = self.module.learn
         dispatch = learn.dispatch
-        if scope == "batch":
-            if mode == "train":
-                if self._reopen:
-                    self._reopen_epoch(trainer)
-                if batch_idx < self._skip:  # trained before the checkpoint: no event, no step
-                    return
-            if dispatch.top != "epoch":  # its pass did not open (train=False) or was cancelled
+        if mode == "train":
+            self._reopen = False
+            self.module.train_iter = None
+            if not self.module.train_enabled:
                 return
-            learn.batch, learn.iter = batch, batch_idx
-            try:
-                dispatch.open_scope("batch")
-            except Exception as exc:
-                check_batch_structure(exc, batch, mode)
-                raise
+        if dispatch.top != "fit" or dispatch.cancelled is not None:
             return
-        if scope == "epoch":
-            if mode == "train":
-                self._reopen = False
-                self.module.train_iter = None
-                if not self.module.train_enabled:
-                    return
-            if dispatch.top != "fit" or dispatch.cancelled is not None:
-                return
-            learn.mode = mode
-            learn.epoch = self.module.epoch if mode == "train" or trainer.state.fn == "fit" else 0
-            learn.dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
-                        "test": trainer.test_dataloaders}[mode]
-        elif dispatch.top is not None:  # the fit scope is open already
-            return
-        dispatch.open_scope(scope)
+        if epoch is None:
+            epoch = self.module.epoch if mode == "train" or trainer.state.fn == "fit" else 0
+        learn.mode, learn.epoch = mode, epoch
+        learn.dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
+                    "test": trainer.test_dataloaders}[mode]
+        dispatch.open_scope("epoch")
 
     def _close(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
                batch_idx: int = 0) -> None:
@@ -356,7 +364,7 @@ class LearnerCallback(L.Callback):
     def _reopen_epoch(self, trainer: L.Trainer) -> None:
         """Lightning continued a training epoch without `on_train_epoch_start` (it resumed inside
         it): fire `before_epoch`, then restore the checkpoint's subscriber states and RNG."""
-        self._open(trainer, "epoch", "train")
+        self._open_epoch(trainer, "train")
         learn = self.module.learn
         if learn.resume_plan is not None:
             learn.resume_plan.apply_states(learn)
@@ -374,10 +382,7 @@ class LearnerCallback(L.Callback):
                 "no validation metrics. Checkpoint at epoch ends (CheckpointS does) to keep them.",
                 RuntimeWarning, stacklevel=2)
         learn = self.module.learn
-        offset = self.module.epoch_offset
-        self.module.epoch_offset = plan.epoch - trainer.current_epoch  # open the saved epoch
-        self._open(trainer, "epoch", "train")
-        self.module.epoch_offset = offset
+        self._open_epoch(trainer, "train", epoch=plan.epoch)
         plan.apply_states(learn)
         self._close(trainer, "epoch", "train")
 

@@ -18,7 +18,7 @@ from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
-from nntrain.learner import Learner, Subscriber, collate_preds, set_lr, subscriber_engines
+from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
 
 __all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
            "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -71,12 +71,6 @@ def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = 
     kept, _ = _bridgeable([*learn.subs, *subs])
     module = LearnerModule(learn, train=train)
     return module, [LearnerCallback(module, kept)]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where `model`'s parameters are (the CPU for a model without any)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def trainer_defaults(device: torch.device) -> dict[str, Any]:

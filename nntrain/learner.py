@@ -34,6 +34,9 @@ __all__ = [
     "MomentumLearner",
     "get_lr",
     "set_lr",
+    "model_device",
+    "collate_preds",
+    "check_batch_structure",
     "CheckpointError",
 ]
 
@@ -670,7 +673,7 @@ class Learner:
         if engine != "native":
             return resolve(TOOLS, f"get_preds:{engine}", "tool")(self, dl, **trainer_kwargs)
         dl = self.dls.valid if dl is None else dl
-        device = _model_device(self.model)
+        device = model_device(self.model)
         was_training = self.model.training
         self.model.eval()
         outputs = []
@@ -698,7 +701,7 @@ class Learner:
             x: a batch of inputs (or one input with `single=True`).
             single: `x` is one sample: add the batch dimension and remove it from the output.
         """
-        x = x.to(_model_device(self.model))
+        x = x.to(model_device(self.model))
         if single:
             x = x.unsqueeze(0)
         was_training = self.model.training
@@ -721,7 +724,8 @@ class Learner:
                                                  max_epochs=max_epochs, engine=engine, **trainer_kwargs)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
