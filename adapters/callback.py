@@ -183,7 +183,7 @@ class LearnerCallback(L.Callback):
                              "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
         refuse_unsupported(trainer, stage)
         learn.engine = LightningEngine(module, trainer)
-        learn.dispatch.set_subs(self.subs)
+        learn.dispatch.set_subs([*self.subs, *module.recipe_subs])
         learn.dispatch.propagate = False
         learn.dispatch.reset()
         self._reopen, self._skip = False, 0
@@ -199,7 +199,12 @@ class LearnerCallback(L.Callback):
             "dtypes": [t.dtype for t in learn.model.state_dict().values()],
             "opt": learn.opt,
             "training": learn.model.training,
+            "grad_scaling": learn.grad_scaling,
         }
+        if learn.engine.scaler is not None:  # 16-mixed: the plugin scales; the gradients are handled as natively
+            from nntrain.amp import GradScaling
+
+            learn.grad_scaling = GradScaling(learn.engine.scaler, owned=False)
         if fitting:
             learn.model.train()  # before Lightning checks the modes (as the native loop sets it)
 
@@ -211,7 +216,12 @@ class LearnerCallback(L.Callback):
         if not saved:
             return
         learn.opt = saved["opt"] if saved["opt"] is not None else getattr(self.module, "plain_opt", None)
+        learn.grad_scaling = saved["grad_scaling"]
         _restore_dtypes(learn.model, saved["dtypes"])
+        from nntrain.adapters.engine import give_back_trainer_recipes
+
+        give_back_trainer_recipes(trainer, self.module.taken_flags)
+        self.module.taken_flags = {}
         if stage == "fit" and self.module.results_path is not None and trainer.is_global_zero:
             save_results(learn, self.module.results_path)  # a spawned rank 0: for the caller's learner
         learn.engine = NativeEngine()
@@ -264,6 +274,10 @@ class LearnerCallback(L.Callback):
         learn.mode, learn.epoch = mode, epoch
         learn.dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
                     "test": trainer.test_dataloaders}[mode]
+        n = trainer.num_training_batches if mode == "train" else \
+            (trainer.num_val_batches if mode == "valid" else trainer.num_test_batches)
+        n = n[0] if isinstance(n, list) else n
+        learn.n_batches = int(n) if n != float("inf") else None
         dispatch.open_scope("epoch")
 
     def _close(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,

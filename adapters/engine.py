@@ -12,7 +12,8 @@ import torch
 
 from nntrain.checkpoint import atomic_write
 
-__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported"]
+__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported", "take_trainer_recipes",
+           "give_back_trainer_recipes"]
 
 REFUSED_CALLBACKS: dict[str, str] = {
     "LearningRateFinder": "Lightning's LR finder (Tuner.lr_find) needs automatic optimization and "
@@ -48,9 +49,36 @@ def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
             f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
             "an epoch is a training pass then one validation pass on both engines; validate more often "
             "with shorter epochs (limit_train_batches=0.5) or every few epochs (check_val_every_n_epoch)")
+
+
+def take_trainer_recipes(trainer: L.Trainer) -> tuple[list[Any], dict[str, Any]]:
+    """The subscribers that do what the Trainer's `gradient_clip_val` / `gradient_clip_algorithm`
+    and `accumulate_grad_batches` ask (`GradClipS`, `GradAccumS`: Lightning cannot under manual
+    optimization), and the flags taken off the Trainer to do it (`give_back_trainer_recipes`
+    puts them back). Called before Lightning checks its configuration."""
+    from nntrain.subscribers.gradients import GradAccumS, GradClipS
+
+    subs: list[Any] = []
+    taken: dict[str, Any] = {}
+    clip = trainer.gradient_clip_val
+    if clip is not None and clip > 0:
+        algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'")
+        subs.append(GradClipS(max_norm=float(clip)) if algorithm == "norm" else GradClipS(max_value=float(clip)))
+        taken["gradient_clip_val"] = clip
+        trainer.gradient_clip_val = None
     if trainer.accumulate_grad_batches != 1:
-        raise ValueError("accumulate_grad_batches is not supported by the nntrain bridge: the learner steps "
-                         "the optimizer itself; accumulate by overriding Learner.step/zero_grad")
+        subs.append(GradAccumS(int(trainer.accumulate_grad_batches)))
+        taken["accumulate_grad_batches"] = trainer.accumulate_grad_batches
+        trainer.accumulate_grad_batches = 1
+    return subs, taken
+
+
+def give_back_trainer_recipes(trainer: L.Trainer, taken: dict[str, Any]) -> None:
+    """Put back the flags `take_trainer_recipes` took off the Trainer."""
+    for name, value in taken.items():
+        setattr(trainer, name, value)
 
 
 class LightningEngine:
@@ -59,11 +87,9 @@ class LightningEngine:
     `trainer.should_stop`, epoch values through `LightningModule.log` and the Trainer's loggers,
     checkpoints through `trainer.save_checkpoint`.
 
-    With a gradient scaler (`16-mixed`), `after_backward` sees unscaled gradients and kept
-    gradients (`MomentumLearner`) are never scaled: the new gradients are unscaled right after
-    backward (scales are powers of two, so exactly), added to the kept ones, and scaled again
-    just before Lightning's step unscales them. A step the scaler skips (inf/NaN gradients)
-    leaves the weights and the kept gradients as they were before the batch.
+    With a gradient scaler (`16-mixed`), the learner's `grad_scaling` is a
+    `nntrain.amp.GradScaling` around the plugin's scaler (the one `MixedPrecisionS` runs), so
+    `after_backward` sees unscaled gradients and a skipped step is a cancelled step.
     """
 
     name = "lightning"
@@ -75,52 +101,20 @@ class LightningEngine:
         self.module = module
         self.trainer = trainer
         self.rank = trainer.global_rank
+        precision = str(trainer.precision)
+        self.precision = None if precision in ("32-true", "32", "64-true", "64") else precision
         self.scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.claimed: list[Any] = []  # loggers a subscriber writes through itself
+        self.logged: dict[str, float] = {}  # the last values logged by name, as given (EarlyStoppingS reads them)
         self.logs_steps = bool(trainer.loggers) or trainer.progress_bar_callback is not None
-        self._kept: list[torch.Tensor | None] = []
-
-    @property
-    def _raw_opt(self) -> torch.optim.Optimizer:
-        return self.module.optimizers(use_pl_optimizer=False)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate through Lightning (precision scaling, strategy hooks)."""
-        if self.scaler is None:
-            self.module.manual_backward(loss)
-            return
-        params = list(self.module.model.parameters())
-        self._kept = [p.grad for p in params]
-        for p in params:
-            p.grad = None
         self.module.manual_backward(loss)
-        inv = self.scaler._scale.double().reciprocal().float()  # a power of two: exact
-        with torch.no_grad():
-            for p, kept in zip(params, self._kept):
-                if p.grad is not None:
-                    p.grad.mul_(inv)
-                    if kept is not None:
-                        p.grad.add_(kept)
-                elif kept is not None:
-                    p.grad = kept.clone()
 
     def step(self, opt: Any) -> None:
-        """Lightning's optimizer step (with a scaler: see the class doc)."""
-        if self.scaler is None:
-            opt.step()
-            return
-        scale = self.scaler._scale
-        before = scale.clone()
-        params = list(self.module.model.parameters())
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        """Lightning's optimizer step (its precision plugin and strategy apply)."""
         opt.step()
-        # the scaler synced already to decide; this reads its decision
-        if bool(self.scaler._scale < before):
-            for p, kept in zip(params, self._kept):
-                p.grad = None if kept is None else kept.clone()
 
     def on_cancel(self, scope: str) -> None:
         """A cancelled fit stops the Trainer."""
@@ -131,6 +125,7 @@ class LightningEngine:
         """`LightningModule.log` for `callback_metrics` (EarlyStopping, ModelCheckpoint, the
         dicts `trainer.validate` and `trainer.test` return), and every logger no subscriber
         writes through itself."""
+        self.logged.update(values)
         sync = self.trainer.world_size > 1  # values are already global; this only silences a warning
         if self.trainer.state.fn != "fit":  # validate/test return only what is logged for loggers
             with warnings.catch_warnings():  # our own call: "logger=True but no logger configured"

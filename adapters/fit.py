@@ -24,13 +24,10 @@ __all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_light
            "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
 UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
-    "accumulate_grad_batches": "the learner steps the optimizer itself (manual optimization); accumulate "
-    "by overriding Learner.step/zero_grad to act every N batches",
-    "gradient_clip_val": "Lightning cannot clip under manual optimization; clip in a subscriber's "
-    "after_backward (torch.nn.utils.clip_grad_norm_(learn.model.parameters(), ...))",
-    "gradient_clip_algorithm": "see gradient_clip_val",
     "max_epochs": "pass the number of epochs as fit(epochs, ...)",
 }
+"""Trainer options `fit_lightning` refuses (`gradient_clip_val` and `accumulate_grad_batches` run
+as `GradClipS` / `GradAccumS`, see `take_trainer_recipes`)."""
 
 
 def _bridgeable(subs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -138,7 +135,7 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         ValueError: a Trainer option the bridge cannot honour, or a native-only subscriber.
     """
     for option, why in UNSUPPORTED_TRAINER_OPTIONS.items():
-        if option in trainer_kwargs and not (option == "accumulate_grad_batches" and trainer_kwargs[option] == 1):
+        if option in trainer_kwargs:
             raise ValueError(f"Trainer option {option}={trainer_kwargs[option]!r} is not supported by the "
                              f"nntrain bridge: {why}")
     if not isinstance(learn.model, nn.Module):

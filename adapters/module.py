@@ -79,6 +79,8 @@ class LearnerModule(L.LightningModule):
         self.pending_state: dict[str, Any] | None = None  # the state CheckpointS is saving
         self.results_path: str | None = None  # set when Lightning runs the fit in processes it starts
         self.fit_lr: float | None = None  # fit(lr=...): wins over the lr in a resumed optimizer state
+        self.recipe_subs: list[Any] = []  # GradClipS / GradAccumS doing the Trainer's clip / accumulate flags
+        self.taken_flags: dict[str, Any] = {}
 
     @property
     def epoch(self) -> int:
@@ -93,6 +95,15 @@ class LearnerModule(L.LightningModule):
             raise ValueError("the Trainer has no LearnerCallback for this LearnerModule: make both with "
                              "module, callbacks = nntrain.adapters.to_lightning(learn) and pass "
                              "callbacks=callbacks to the Trainer")
+
+    def configure_callbacks(self) -> list[Any]:
+        """No callbacks; Lightning calls this before it checks its configuration, the one point
+        where the Trainer's `gradient_clip_val` and `accumulate_grad_batches` (which Lightning
+        refuses under manual optimization) can become `GradClipS` / `GradAccumS` for this run."""
+        from nntrain.adapters.engine import take_trainer_recipes
+
+        self.recipe_subs, self.taken_flags = take_trainer_recipes(self.trainer)
+        return []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The learner's optimizer (made now if the learner has none yet)."""

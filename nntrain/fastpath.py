@@ -88,7 +88,8 @@ class CompiledLearner(Learner):
     Combine it with another learner by inheritance, e.g.
     `class FastMomentum(CompiledLearner, MomentumLearner)`; `predict`, `get_loss`, `step` and
     `zero_grad` overrides are traced. Differences from the eager step: `after_predict`,
-    `after_loss`, `after_backward` and `after_step` fire after the compiled parts have run, so a
+    `after_loss`, `before_backward`, `after_backward`, `before_step` and `after_step` fire after the
+    compiled parts have run, so a
     subscriber sees the results but cannot change them (a `CancelBatchException` raised in
     `after_loss` comes after the optimizer step); validation passes and the Lightning engine run
     the eager step. The first batches of each new input shape pay the compilation.
@@ -126,9 +127,4 @@ class CompiledLearner(Learner):
         self.preds, self.loss = self._compiled_forward(self.batch)
         publish("after_predict")
         publish("after_loss")
-        self.backward()
-        publish("after_backward")
-        self._compiled_step()
-        self.global_step += 1
-        publish("after_step")
-        self.zero_grad()
+        self.optimize(self._compiled_step)

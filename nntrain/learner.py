@@ -3,7 +3,7 @@
 A fit publishes events to subscribers. Scopes nest as fit > epoch > batch; each scope fires
 `before_<scope>`, runs its body, fires `after_<scope>`, and always fires `cleanup_<scope>`
 (in a `finally`). Inside a batch the step fires `after_predict`, `after_loss` and, when
-training, `after_backward` and `after_step`.
+training, `before_backward`, `after_backward`, `before_step` and `after_step`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "CancelFitException",
     "CancelEpochException",
     "CancelBatchException",
+    "CancelStepException",
     "Subscriber",
     "Dispatcher",
     "Engine",
@@ -52,7 +53,9 @@ EVENTS: tuple[str, ...] = (
     "cleanup_batch",
     "after_predict",
     "after_loss",
+    "before_backward",
     "after_backward",
+    "before_step",
     "after_step",
 )
 """Every event a subscriber may handle, in no particular order."""
@@ -78,6 +81,12 @@ class CancelEpochException(CancelException):
 class CancelBatchException(CancelException):
     """Skip the rest of this batch. `after_batch` does not fire; `cleanup_batch` does, and the
     next batch starts. Raised before `backward`, it also skips the optimizer step."""
+
+
+class CancelStepException(CancelException):
+    """Skip this batch's optimizer step: raised in `before_step` (or by `Learner.step`), the step,
+    `after_step` and `zero_grad` do not happen and `global_step` stays; the gradients are kept
+    and the batch goes on with `after_batch`. `GradAccumS` and a skipped fp16 step use it."""
 
 
 class Subscriber:
@@ -276,12 +285,16 @@ class Engine(Protocol):
 
     The native loop is `NativeEngine`; the Lightning bridge has `LightningEngine`. Subscribers
     ask the engine, never its name: `rank`, `backward`, `step`, `log_metrics` (a row's values
-    by name, e.g. `valid/loss`), `save_checkpoint`, `tensorboard_logger`, and what the engine
-    does itself (`saves_on_interrupt`, `resumes_after_last_batch`, `runs_compiled_steps`).
+    by name, e.g. `valid/loss`) and `logged` (the latest of them), `save_checkpoint`,
+    `tensorboard_logger`, and what the engine does itself (`precision`: a reduced precision it
+    runs, e.g. "16-mixed", or None; `saves_on_interrupt`, `resumes_after_last_batch`,
+    `runs_compiled_steps`).
     """
 
     name: str
     rank: int
+    precision: str | None
+    logged: dict[str, float]
     saves_on_interrupt: bool
     resumes_after_last_batch: bool
     runs_compiled_steps: bool
@@ -309,6 +322,7 @@ class NativeEngine:
     """The learner's own loop: plain autograd, cancels unwind the Python stack."""
 
     name = "native"
+    precision = None
     saves_on_interrupt = True
     resumes_after_last_batch = True
     runs_compiled_steps = True
@@ -370,8 +384,11 @@ class Learner:
     The learner state, kept current on both engines for subscribers (the README's table):
     `model`, `opt`, `dls`, `lr`, `engine`, `mode` ("train", "valid" or "test": the pass
     running), `epoch`, `epochs` (a range), `n_epochs`, `fit_valid` (whether this fit runs
-    validation passes), `dl`, `iter` (batch index in the pass), `global_step` (optimizer steps
-    so far, all fits), `batch`, `preds`, `loss`, and `training` (`model.training`).
+    validation passes), `dl`, `n_batches` (batches in the pass, None when the loader has no
+    length), `iter` (batch index in the pass), `global_step` (optimizer steps applied so far,
+    all fits), `batch`, `preds`, `loss`, `loss_grad` (what `backward` differentiates: `loss`
+    unless a `before_backward` subscriber scaled it), `grad_scaling` (the fp16 `GradScaling`
+    backward and step go through, or None), and `training` (`model.training`).
     The step is made of the overridable methods `predict`, `get_loss`, `backward`, `step`,
     `zero_grad`; both engines call them.
     """
@@ -408,6 +425,9 @@ class Learner:
         self.iter = 0
         self.mode = "train"
         self.batch: Any = None
+        self.n_batches: int | None = None
+        self.loss_grad: Any = None
+        self.grad_scaling: Any = None  # a nntrain.amp.GradScaling while fp16 training scales the loss
         self.resume_plan: ResumePlan | None = None  # the checkpoint a fit continues from, for that fit only
         self.dispatch = Dispatcher(self)
         self.dispatch.set_subs(self.subs)
@@ -450,12 +470,26 @@ class Learner:
             raise
 
     def backward(self) -> None:
-        """Backpropagate `self.loss` through the engine (Lightning applies its precision here)."""
-        self.engine.backward(self.loss)
+        """Backpropagate `self.loss_grad` through the engine (Lightning applies its precision
+        here); with `grad_scaling`, the loss is scaled and the new gradients unscaled, so
+        `after_backward` sees true gradients."""
+        scaling = self.grad_scaling
+        if scaling is None:
+            self.engine.backward(self.loss_grad)
+        else:
+            scaling.backward(self.model.parameters(), self.engine.backward, self.loss_grad)
 
     def step(self) -> None:
-        """Take an optimizer step (through the engine: Lightning's precision and strategy apply)."""
-        self.engine.step(self.opt)
+        """Take an optimizer step (through the engine: Lightning's precision and strategy apply).
+
+        Raises:
+            CancelStepException: the gradient scaler skipped the step (inf/NaN gradients).
+        """
+        scaling = self.grad_scaling
+        if scaling is None:
+            self.engine.step(self.opt)
+        elif not scaling.step(self.opt, self.engine.step):
+            raise CancelStepException()
 
     def zero_grad(self) -> None:
         """Reset the gradients."""
@@ -592,6 +626,7 @@ class Learner:
         self.model.train(training)
         self.mode = mode or ("train" if training else "valid")
         self.dl = dl if dl is not None else self.dls.train if training else self.dls.valid
+        self.n_batches = len(self.dl) if hasattr(self.dl, "__len__") else None
         self._scope("epoch", self._epoch_body)
 
     def _epoch_body(self) -> None:
@@ -622,12 +657,24 @@ class Learner:
         self.get_loss()
         publish("after_loss")
         if self.model.training:
-            self.backward()
-            publish("after_backward")
-            self.step()
-            self.global_step += 1
-            publish("after_step")
-            self.zero_grad()
+            self.optimize(self.step)
+
+    def optimize(self, step: Callable[[], None]) -> None:
+        """The training half of a batch: `before_backward`, `backward`, `after_backward`,
+        `before_step`, `step()` (a `CancelStepException` skips the rest), `after_step`, `zero_grad`."""
+        publish = self.dispatch.publish
+        self.loss_grad = self.loss
+        publish("before_backward")
+        self.backward()
+        publish("after_backward")
+        try:
+            publish("before_step")
+            step()
+        except CancelStepException:
+            return
+        self.global_step += 1
+        publish("after_step")
+        self.zero_grad()
 
     # ----- evaluation and inference --------------------------------------------------------------
 
@@ -722,6 +769,39 @@ class Learner:
         """
         return resolve(TOOLS, "lr_find", "tool")(self, start_lr=start_lr, mult=mult, max_lr=max_lr,
                                                  max_epochs=max_epochs, engine=engine, **trainer_kwargs)
+
+    def fit_one_cycle(self, epochs: int, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
+                      div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+                      **fit_kwargs: Any) -> Any:
+        """`fit` with fastai's one-cycle schedule (a `SchedulerS` of `OneCycle`, stepped per
+        applied optimizer step): the lr rises from `lr_max/div` to `lr_max` over `pct_start` of
+        the steps and falls to `lr_max/div_final` (both halves cosine); where the optimizer has a
+        momentum (SGD's `momentum` > 0, Adam's beta1) it moves inversely through `moms`.
+        `fit_kwargs` go to `fit` (`engine="lightning"`, `subs`, `resume`, Trainer options).
+
+        Returns:
+            What `fit` returns.
+        """
+        return resolve(TOOLS, "fit_one_cycle", "tool")(self, epochs, lr_max, pct_start=pct_start, div=div,
+                                                       div_final=div_final, moms=moms, **fit_kwargs)
+
+    def save(self, path: str | os.PathLike, with_opt: bool = True) -> Any:
+        """Write the model's weights (and the optimizer state) to `path` atomically; returns the path.
+        `load` reads it back; a `SaveBestS` file is one too."""
+        from nntrain.checkpoint import save_weights
+
+        return save_weights(self, path, with_opt=with_opt)
+
+    def load(self, path: str | os.PathLike, with_opt: bool = True, strict: bool = True) -> None:
+        """Load weights (and the optimizer state, when the file has it and `with_opt`) written by
+        `save`, `SaveBestS` or a native checkpoint.
+
+        Raises:
+            CheckpointError: the file is missing, unreadable or holds no model weights.
+        """
+        from nntrain.checkpoint import load_weights
+
+        load_weights(self, path, with_opt=with_opt, strict=strict)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ ENGINES: dict[str, str | Callable[..., Any]] = {
 
 TOOLS: dict[str, str | Callable[..., Any]] = {
     "lr_find": "nntrain.subscribers.lr_find:lr_find",
+    "fit_one_cycle": "nntrain.subscribers.schedule:fit_one_cycle",
     "evaluate:lightning": "nntrain.adapters:evaluate_lightning",
     "get_preds:lightning": "nntrain.adapters:predict_lightning",
 }

@@ -15,7 +15,8 @@ from nntrain.learner import EVENTS, Subscriber
 
 
 BATCH_EVENTS = frozenset(
-    ("before_batch", "after_predict", "after_loss", "after_backward", "after_step", "after_batch", "cleanup_batch")
+    ("before_batch", "after_predict", "after_loss", "before_backward", "after_backward", "before_step", "after_step",
+     "after_batch", "cleanup_batch")
 )
 
 

@@ -22,8 +22,8 @@ from tests.helpers import BasicOptim, Recorder, tiny_dls, tiny_model
 
 ENGINES = ("native", "lightning")
 
-TRAIN_BATCH = ["before_batch", "after_predict", "after_loss", "after_backward", "after_step", "after_batch",
-               "cleanup_batch"]
+TRAIN_BATCH = ["before_batch", "after_predict", "after_loss", "before_backward", "after_backward", "before_step",
+               "after_step", "after_batch", "cleanup_batch"]
 VALID_BATCH = ["before_batch", "after_predict", "after_loss", "after_batch", "cleanup_batch"]
 
 
@@ -97,7 +97,7 @@ CANCEL_CASES = {
               + VALID_EPOCH + V("after_fit", "cleanup_fit")),
     # CancelEpoch in the validation epoch: its after_epoch does not fire, after_fit does.
     "valid_epoch": (Canceller(CancelEpochException, "after_loss", mode="valid", it=0),
-                    T("before_fit", *[e for e, _ in full_epoch()[:17]])
+                    T("before_fit", *[e for e, _ in full_epoch()[:len(TRAIN_BATCH) * 2 + 3]])
                     + V("before_epoch", "before_batch", "after_predict", "after_loss", "cleanup_batch", "cleanup_epoch",
                         "after_fit", "cleanup_fit")),
     # CancelFit in after_batch of batch 0: only the open cleanups fire, no validation, no after_fit.

@@ -370,6 +370,11 @@ class MetricsS(Subscriber):
         """Publish this subscriber as `learn.metrics`."""
         learn.metrics = self
 
+    def logged_names(self, learn: Any) -> list[str]:
+        """The names this subscriber logs in `learn`'s fit (`train/loss`, `valid/<metric>`...)."""
+        modes = ("train", "valid") if getattr(learn, "fit_valid", True) else ("train",)
+        return [f"{mode}/{name}" for mode in modes for name in ("loss", *self.metrics)]
+
     def before_epoch(self, learn: Any) -> None:
         """Start the epoch's values from zero; note how many samples are real (not a
         `DistributedSampler`'s padding) when the loader pads."""

@@ -216,8 +216,6 @@ def test_batches_that_are_not_pairs_get_the_same_clear_error(engine, make_batch)
     (dict(callbacks=[BatchSizeFinder()]), "batch_size"),
     (dict(callbacks=[StochasticWeightAveraging(swa_lrs=0.01)]), "AveragedModel"),
     (dict(callbacks=[BackboneFinetuning()]), "requires_grad_"),
-    (dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
-    (dict(gradient_clip_val=1.0), "clip"),
 ])
 def test_refused_before_the_first_batch(options, match):
     rec = Recorder()

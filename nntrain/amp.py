@@ -1,0 +1,80 @@
+"""`GradScaling`: fp16 loss scaling that keeps gradients unscaled between backward and step.
+
+One algorithm for both engines: `MixedPrecisionS` runs it with its own `torch.amp.GradScaler`,
+and the Lightning bridge with the scaler of Lightning's `16-mixed` plugin, so the two give the
+same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["GradScaling"]
+
+
+class GradScaling:
+    """Loss scaling around a `torch.amp.GradScaler`, with unscaled gradients outside backward.
+
+    `backward` sets the gradients already there aside (kept gradients, `MomentumLearner`'s
+    `mom * grad`, or those of batches being accumulated), backpropagates the scaled loss,
+    multiplies the new gradients by 1/scale (a power of two: exact) and adds the kept ones back:
+    `after_backward` subscribers, clipping and accumulation see true gradients. `step` scales
+    them again just before the scaler unscales them (exact again), lets the scaler step (it
+    skips the step on inf/NaN) and update; a skipped step puts the kept gradients back.
+
+    Args:
+        scaler: the `torch.amp.GradScaler`.
+        owned: True when this object scales the loss and steps the scaler; False when an engine's
+            precision plugin does both (Lightning's `16-mixed`: in `manual_backward` and in the
+            optimizer step), so only the gradients are handled here.
+    """
+
+    def __init__(self, scaler: Any, owned: bool = True) -> None:
+        self.scaler = scaler
+        self.owned = owned
+        self._params: list[torch.Tensor] = []
+        self._kept: list[torch.Tensor | None] = []
+
+    def backward(self, params: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], None],
+                 loss: torch.Tensor) -> None:
+        """`backward(scaled loss)`, leaving unscaled gradients (new plus kept) in `params`."""
+        params = list(params)
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        backward(self.scaler.scale(loss) if self.owned else loss)
+        inv = self.scaler._scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        with torch.no_grad():
+            for p, old in zip(params, kept):
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+                    if old is not None:
+                        p.grad.add_(old)
+                elif old is not None:
+                    p.grad = old.clone()
+        self._params, self._kept = params, kept
+
+    def step(self, opt: Any, engine_step: Callable[[Any], None]) -> bool:
+        """Scale the gradients back, step through the scaler (or `engine_step(opt)` when the
+        engine's plugin owns the scaler) and update it; False when the scaler skipped the step
+        (then the gradients are those from before the batch). Reads the scaler's decision from
+        the device: one host sync, besides the scaler's own inf check."""
+        scaler = self.scaler
+        before = scaler._scale.clone()
+        with torch.no_grad():
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(scaler._scale)
+        if self.owned:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            engine_step(opt)
+        if bool(scaler._scale < before):  # the update backed off: inf/NaN gradients, no step
+            for p, old in zip(self._params, self._kept):
+                p.grad = None if old is None else old.clone()
+            return False
+        return True

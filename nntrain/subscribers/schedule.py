@@ -1,0 +1,148 @@
+"""Learning-rate schedules: `SchedulerS` steps a scheduler after each applied optimizer step
+(or each training epoch); `fit_one_cycle` is `fit` with a `OneCycle` schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from nntrain.learner import Subscriber
+from nntrain.schedules import OneCycle
+
+__all__ = ["SchedulerS", "fit_one_cycle"]
+
+
+def _momentum(group: dict[str, Any]) -> float | None:
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group["momentum"]) if "momentum" in group else None
+
+
+class SchedulerS(Subscriber):
+    """Steps the scheduler `make_sched(learn.opt)` made at `before_fit` (any
+    `torch.optim.lr_scheduler`, or `nntrain.schedules.OneCycle`).
+
+    With `interval="batch"` it steps in `after_step`, which fires only for steps the optimizer
+    really took (not for a step the fp16 scaler skipped, nor for batches `GradAccumS` is
+    accumulating); with `"epoch"` after each training pass. Each fit builds a new scheduler from
+    the optimizer's lr at that point. Records the first param group's lr and momentum of every
+    step in `lrs` and `moms` (`plot()` draws them); sets `learn.scheduler = self`. Its state goes
+    into checkpoints.
+
+    Raises:
+        ValueError: `interval` is neither "batch" nor "epoch".
+    """
+
+    order = 50  # after_step: other subscribers see the lr this step used
+
+    def __init__(self, make_sched: Callable[[Any], Any], interval: str = "batch") -> None:
+        if interval not in ("batch", "epoch"):
+            raise ValueError(f"interval must be 'batch' or 'epoch', got {interval!r}")
+        if not callable(make_sched):
+            raise TypeError(f"make_sched must be a callable opt -> scheduler, got {type(make_sched).__name__}")
+        self.make_sched = make_sched
+        self.interval = interval
+        self.sched: Any = None
+        self.lrs: list[float] = []
+        self.moms: list[float | None] = []
+
+    def before_fit(self, learn: Any) -> None:
+        """Build the scheduler on the learner's optimizer."""
+        opt = learn.opt
+        if not hasattr(opt, "param_groups"):
+            raise TypeError(f"SchedulerS needs a torch.optim optimizer (with param_groups); the learner's is "
+                            f"{type(opt).__name__}: pass a torch.optim class as optim_class")
+        for group in opt.param_groups:  # else a scheduler of a second fit starts from the first fit's lr
+            group.pop("initial_lr", None)
+        self.sched = self.make_sched(opt)
+        if not callable(getattr(self.sched, "step", None)):
+            raise TypeError(f"make_sched returned {type(self.sched).__name__}, which has no step()")
+        self.lrs, self.moms = [], []
+        self._record(opt)
+        learn.scheduler = self
+
+    def after_step(self, learn: Any) -> None:
+        """Step a per-batch schedule."""
+        if self.interval == "batch":
+            self.sched.step()
+            self._record(learn.opt)
+
+    def after_epoch(self, learn: Any) -> None:
+        """Step a per-epoch schedule after a training pass."""
+        if self.interval == "epoch" and learn.mode == "train":
+            self.sched.step()
+            self._record(learn.opt)
+
+    def _record(self, opt: Any) -> None:
+        group = opt.param_groups[0]
+        self.lrs.append(float(group["lr"]))
+        self.moms.append(_momentum(group))
+
+    def plot(self, ax: Any = None) -> Any:
+        """Plot the lr (and the momentum, on a second axis, when there is one) against the step;
+        returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(len(self.lrs)), self.lrs, color="tab:blue", label="lr")
+        ax.set_xlabel("optimizer step" if self.interval == "batch" else "epoch")
+        ax.set_ylabel("learning rate", color="tab:blue")
+        if any(m is not None for m in self.moms):
+            twin = ax.twinx()
+            twin.plot(range(len(self.moms)), self.moms, color="tab:orange", label="momentum")
+            twin.set_ylabel("momentum", color="tab:orange")
+        ax.figure.tight_layout()
+        return ax.figure
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state and the records, for checkpoints."""
+        if self.sched is None:
+            return {}
+        return {"sched": self.sched.state_dict(), "lrs": list(self.lrs), "moms": list(self.moms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the schedule from `state_dict`: the scheduler's state, and the lrs it had set
+        (building a scheduler moved them to its first step)."""
+        if not state:
+            return
+        self.sched.load_state_dict(state["sched"])
+        self.lrs, self.moms = list(state["lrs"]), list(state["moms"])
+        last = getattr(self.sched, "get_last_lr", None)
+        groups = getattr(getattr(self.sched, "optimizer", None), "param_groups", None)
+        if callable(last) and groups is not None:
+            for group, lr in zip(groups, last()):
+                group["lr"] = lr
+
+
+def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
+                  div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+                  **fit_kwargs: Any) -> Any:
+    """`learn.fit(epochs, **fit_kwargs)` with a `SchedulerS(OneCycle(...))` attached for the fit
+    (`Learner.fit_one_cycle`). The cycle spans the fit's optimizer steps: `epochs` times the
+    training batches, divided by the accumulation (`GradAccumS`'s or `accumulate_grad_batches`).
+
+    Raises:
+        TypeError: `lr` in `fit_kwargs` (the cycle sets it), or a training loader without a length.
+    """
+    if "lr" in fit_kwargs:
+        raise TypeError("fit_one_cycle() sets the lr itself: pass lr_max, not lr")
+    train = learn.dls.train
+    if not hasattr(train, "__len__"):
+        raise TypeError(f"fit_one_cycle needs a training loader with a length (to know the steps); "
+                        f"{type(train).__name__} has none: use fit with a SchedulerS")
+    subs = list(fit_kwargs.pop("subs", ()))
+    every = max([int(getattr(s, "steps_every", 1)) for s in [*learn.subs, *subs]]
+                + [int(fit_kwargs.get("accumulate_grad_batches", 1))])
+    total = epochs * math.ceil(len(train) / every)
+    OneCycle(_Groups(), max(total, 1), lr_max, pct_start, div, div_final, moms)  # check the arguments now
+    sched = SchedulerS(lambda opt: OneCycle(opt, total, lr_max, pct_start, div, div_final, moms))
+    return learn.fit(epochs, subs=[*subs, sched], **fit_kwargs)
+
+
+class _Groups:
+    """An optimizer stand-in with one param group (to check `OneCycle`'s arguments)."""
+
+    def __init__(self) -> None:
+        self.param_groups = [{"lr": 0.0}]
