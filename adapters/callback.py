@@ -51,7 +51,8 @@ Lightning runs validation inside the training epoch, before `on_train_epoch_end`
 pass closes when validation starts, so the order of events is the native one."""
 
 STEP_TABLE: dict[str, str] = {
-    "training_step": "after_predict, after_loss, after_backward, after_step (learn.run_step)",
+    "training_step": "after_predict, after_loss, before_backward, after_backward, before_step, after_step "
+                     "(learn.run_step)",
     "validation_step": "after_predict, after_loss",
     "test_step": "after_predict, after_loss",
     "predict_step": "(no event) learn.predict_batch(): (preds, targets)",
@@ -352,8 +353,8 @@ class LearnerCallback(L.Callback):
         learn = module.learn
         if module.lr_schedulers():
             raise ValueError("LR schedulers from configure_optimizers are not stepped by the nntrain bridge "
-                             "(its optimization is manual): set the lr in a subscriber (param_groups' "
-                             "'lr' in before_batch), which runs on both engines")
+                             "(its optimization is manual): attach nntrain.SchedulerS(lambda opt: <scheduler>), "
+                             "which steps it on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
         if module.fit_lr is not None and learn.resume_plan is not None:  # Lightning restored the saved lr

@@ -14,6 +14,7 @@ from nntrain.learner import (
     CancelBatchException,
     CancelEpochException,
     CancelFitException,
+    CancelStepException,
     Learner,
     MomentumLearner,
     Subscriber,
@@ -75,6 +76,7 @@ class Canceller(Subscriber):
     def before_batch(self, learn): self._maybe(learn, "before_batch")
     def after_loss(self, learn): self._maybe(learn, "after_loss")
     def after_batch(self, learn): self._maybe(learn, "after_batch")
+    def before_step(self, learn): self._maybe(learn, "before_step")
 
 
 def T(*names):
@@ -91,6 +93,10 @@ CANCEL_CASES = {
     "batch": (Canceller(CancelBatchException, "after_loss", it=0),
               T("before_fit", "before_epoch", "before_batch", "after_predict", "after_loss", "cleanup_batch", *TRAIN_BATCH,
                 "after_epoch", "cleanup_epoch") + VALID_EPOCH + V("after_fit", "cleanup_fit")),
+    # CancelStep in before_step of batch 0: no step, after_step or zero_grad; after_batch fires.
+    "step": (Canceller(CancelStepException, "before_step", it=0),
+             T("before_fit", "before_epoch", *TRAIN_BATCH[:6], "after_batch", "cleanup_batch", *TRAIN_BATCH,
+               "after_epoch", "cleanup_epoch") + VALID_EPOCH + V("after_fit", "cleanup_fit")),
     # CancelEpoch in before_batch of batch 1: cleanup_batch and cleanup_epoch fire, validation still runs.
     "epoch": (Canceller(CancelEpochException, "before_batch", it=1),
               T("before_fit", "before_epoch", *TRAIN_BATCH, "before_batch", "cleanup_batch", "cleanup_epoch")
