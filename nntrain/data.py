@@ -11,15 +11,17 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from nntrain.checkpoint import rng_state, set_rng_state
+
+if TYPE_CHECKING:  # datasets and PIL are imported where they are used: `import nntrain` stays fast
+    import datasets
+    from PIL import Image
 
 __all__ = [
     "DataLoaders",
@@ -143,6 +145,8 @@ def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True) -
     Returns:
         One stacked tensor per column, in the rows' column order.
     """
+    from PIL import Image
+
     def to_tensor(value: Any) -> torch.Tensor:
         return _image_to_tensor(value, flatten) if isinstance(value, Image.Image) else torch.tensor(value)
 
@@ -152,6 +156,8 @@ def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True) -
 
 def _decode_image_column(ds: datasets.Dataset, col: str) -> np.ndarray:
     """Decode image column `col` of `ds` into one uint8 array of shape (N, H, W, C)."""
+    from PIL import Image
+
     mode = ds.features[col].mode
     # Reading the Arrow table skips datasets' per-row formatting; `[:]` applies any index mapping.
     cells = ds.with_format("arrow")[:].column(col).to_pylist()
@@ -200,6 +206,8 @@ def _find_splits(dd: datasets.DatasetDict, valid_split: str | None) -> tuple[str
 
 def _find_columns(features: datasets.Features, x_col: str | None, y_col: str | None) -> tuple[str, str]:
     """The image and label column names: the given ones, checked, or detected from `features`."""
+    import datasets
+
     columns = ", ".join(repr(c) for c in features)
     if x_col is None:
         images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
@@ -312,6 +320,8 @@ def digits_dataset_dict(valid_fraction: float = 0.2, seed: int = 0) -> datasets.
     """
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be between 0 and 1 (exclusive), got {valid_fraction!r}")
+    import datasets
+    from PIL import Image
     from sklearn.datasets import load_digits  # 1 s import, needed only here
 
     digits = load_digits()
@@ -343,6 +353,8 @@ def load_dataset_dict(name: str) -> datasets.DatasetDict:
     """
     if name == "digits":
         return digits_dataset_dict()
+    import datasets
+
     try:
         return datasets.load_dataset(name)
     except OSError as exc:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), timeouts

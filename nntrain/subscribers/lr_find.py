@@ -10,14 +10,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
 from nntrain.learner import CancelEpochException, CancelFitException, Subscriber, get_lr, set_lr
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "LRFindS", "lr_find"]
 
@@ -194,6 +196,8 @@ class LRFindS(Subscriber):
             The figure drawn on; display it in a notebook or `fig.savefig(path)`.
         """
         if ax is None:
+            from matplotlib.figure import Figure
+
             ax = Figure(figsize=(6, 4)).add_subplot()
         pairs = [(lr, loss) for lr, loss in zip(self.lrs, self.losses) if math.isfinite(loss)]
         if pairs:

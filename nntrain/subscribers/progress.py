@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from nntrain.learner import Subscriber
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["ProgressS"]
 
@@ -153,6 +155,8 @@ class ProgressS(Subscriber):
             The figure drawn on.
         """
         if ax is None:
+            from matplotlib.figure import Figure
+
             ax = Figure(figsize=(6, 4)).add_subplot()
         ax.plot(self.train_steps, self.train_losses, label="train")
         if self.valid_losses:

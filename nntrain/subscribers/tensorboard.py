@@ -10,8 +10,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from nntrain.learner import Subscriber, get_lr
 
@@ -136,8 +134,12 @@ class TensorBoardS(Subscriber):
         else:
             root = self.root / self.name if self.name else self.root
             self.log_dir = next_version_dir(root)
+            from torch.utils.tensorboard import SummaryWriter  # imported when used: `import nntrain` stays fast
+
             self._writer, self._owns_writer = SummaryWriter(log_dir=str(self.log_dir)), True
         file_writer = self._writer._get_file_writer()  # as Lightning's log_hyperparams does
+        from torch.utils.tensorboard.summary import hparams
+
         for summary in hparams(params, self._declared_metrics(learn)):
             file_writer.add_summary(summary)
 
