@@ -9,8 +9,13 @@ never half of one. `latest_checkpoint` skips (with a warning) a file that does n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import secrets
+import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +28,9 @@ __all__ = [
     "CheckpointError",
     "REQUIRED_KEYS",
     "atomic_write",
+    "DirectoryLock",
+    "sigint_deferred",
+    "remove_stale_temporaries",
     "save_checkpoint",
     "load_checkpoint",
     "is_lightning_checkpoint",
@@ -102,27 +110,136 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+TEMPORARY_PATTERN = ".ckpt-*.tmp"
+"""Glob of the temporary files `atomic_write` makes for checkpoints (a SIGKILL mid-write leaves one)."""
+
+
+def _exclusive_temporary(path: Path) -> Path:
+    """A new empty file next to `path` with an unpredictable name, created exclusively and never
+    through a symbolic link (`O_EXCL | O_NOFOLLOW`), so nothing planted in the directory is written."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Any:
+    """Hold a Ctrl-C that lands inside the block until the block ends, then raise it (in the main
+    thread, where Python delivers SIGINT; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _write_failed(path: Path, exc: Exception) -> CheckpointError:
+    """The error for a failed write of `path`, saying so when the disk is full."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) == 28 or (free is not None and free < (64 << 20))
+    note = f"; the disk holding {path.parent} is full ({free} bytes free): free space or checkpoint " \
+           f"elsewhere" if full else ""
+    return CheckpointError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc}{note}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], commit: bool = True) -> Path:
     """Make the file at `path` appear whole or not at all: `write(tmp)` writes a temporary file
-    next to it, which is fsync'd and renamed over `path` (`os.replace`), then the directory is
-    fsync'd. `commit=False` (a process that only takes part in a collective write, like a
-    non-zero DDP rank) calls `write` and leaves the file alone."""
+    next to it (created exclusively, with an unpredictable name, never through a link), which is
+    fsync'd and renamed over `path` (`os.replace`: a link at `path` is replaced, not followed),
+    then the directory is fsync'd. A Ctrl-C landing during the write is held until the file is
+    in place, then raised. `commit=False` (a process that only takes part in a collective
+    write, like a non-zero DDP rank) calls `write` and leaves the file alone.
+
+    Raises:
+        CheckpointError: the write failed (naming the path, and a full disk).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    try:
-        write(tmp)
-        if not commit:
-            return path
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if commit:
+    if not commit:
+        write(path.parent / f".{path.name}.{os.getpid()}.tmp")
+        return path
+    with sigint_deferred():
+        tmp = _exclusive_temporary(path)
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except Exception as exc:
             tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+            raise _write_failed(path, exc) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `directory` (call it holding the
+    directory's `DirectoryLock`, so no write is in progress); return them."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(TEMPORARY_PATTERN)) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class DirectoryLock:
+    """An advisory lock (`fcntl.flock`) on `<directory>/.nntrain.lock`: one checkpoint writer
+    per directory. Where `fcntl` is missing (Windows) it locks nothing."""
+
+    NAME = ".nntrain.lock"
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or fail at once.
+
+        Raises:
+            RuntimeError: another process (or another writer in this one) holds it.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"another fit is writing checkpoints to {self.path.parent} (it holds {self.path}, "
+                               f"pid {holder}): give this CheckpointS another directory, or wait for that fit "
+                               f"to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the lock go (closing the file releases it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -256,6 +373,8 @@ def find_checkpoint(learn: Any, resume: str | os.PathLike) -> tuple[Path, dict[s
         dirs = [sub.dir for sub in learn.subs if getattr(sub, "is_checkpointer", False)]
         if not dirs:
             raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
+        if os.path.exists(dirs[0]) and not os.path.isdir(dirs[0]):
+            raise CheckpointError(f'resume="last": the CheckpointS directory {dirs[0]} is a file, not a directory')
         return latest_checkpoint(dirs[0])
     if os.path.isdir(resume):
         found = latest_checkpoint(resume)

@@ -1,11 +1,13 @@
 """`nntrain fit`: train a small MLP on the embedded digits (or a hub dataset), print the epoch table and
-write a TensorBoard run (optionally an LR-finder plot and the loss curves)."""
+write a TensorBoard run (optionally an LR-finder plot, the loss curves and the training-recipe
+subscribers: one-cycle, mixed precision, clipping, accumulation, early stopping, best weights)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["main", "build_parser", "make_model"]
+
+PRECISIONS = ("32", "bf16", "16")
+BEST_METRIC = "valid/accuracy"  # `MetricsS(accuracy=...)` in `run_fit` logs it under this name
 
 
 def _number(text: str, kind: type, what: str) -> Any:
@@ -91,7 +96,68 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lr-find", action="store_true",
                      help="run the LR finder first, print its suggestion and save lr_find.png in the run directory")
     fit.add_argument("--plot", action="store_true", help="save the loss curves as losses.png in the run directory")
+    recipe = fit.add_argument_group("training recipe (both engines)")
+    recipe.add_argument("--one-cycle", action="store_true",
+                        help="one-cycle lr schedule peaking at --lr (default off: constant lr)")
+    recipe.add_argument("--precision", choices=PRECISIONS, default="32",
+                        help="autocast to bf16, or to 16 with loss scaling (default 32: off)")
+    recipe.add_argument("--clip", type=_positive_float, metavar="MAX_NORM",
+                        help="clip the gradients' total norm to MAX_NORM (default off)")
+    recipe.add_argument("--accumulate", type=_positive_int, default=1, metavar="N",
+                        help="one optimizer step every N batches (default 1)")
+    recipe.add_argument("--early-stop", type=_positive_int, metavar="PATIENCE",
+                        help="stop after PATIENCE epochs without a lower valid/loss (default off)")
+    recipe.add_argument("--save-best", metavar="PATH",
+                        help=f"keep the weights of the best epoch by {BEST_METRIC} in PATH (default off)")
     return parser
+
+
+def _check_recipe(args: argparse.Namespace) -> None:
+    """Refuse, before any loading or training, recipe options that cannot do what they say.
+
+    Raises:
+        ValueError: a `--save-best` path that is a directory or lies under a file.
+    """
+    if args.save_best is not None:
+        path = Path(args.save_best)
+        if path.is_dir():
+            raise ValueError(f"--save-best {path} is a directory: give a file name (e.g. {path / 'best.pt'})")
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"--save-best {path}: {parent} is not a writable directory")
+
+
+def _recipe_subs(args: argparse.Namespace) -> list[Any]:
+    """The subscribers the recipe options ask for (`MixedPrecisionS`, `GradClipS`, ...)."""
+    from nntrain.subscribers import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SaveBestS
+
+    subs: list[Any] = []
+    if args.precision != "32":
+        subs.append(MixedPrecisionS(torch.bfloat16 if args.precision == "bf16" else torch.float16))
+    if args.clip is not None:
+        subs.append(GradClipS(args.clip))
+    if args.accumulate > 1:
+        subs.append(GradAccumS(args.accumulate))
+    if args.early_stop is not None:
+        subs.append(EarlyStoppingS(monitor="valid/loss", mode="min", patience=args.early_stop))
+    if args.save_best is not None:
+        subs.append(SaveBestS(args.save_best, monitor=BEST_METRIC, mode="max"))
+    return subs
+
+
+def _report_recipe(subs: Sequence[Any], epochs: int) -> None:
+    """One line each for an early stop and the best weights."""
+    from nntrain.subscribers import EarlyStoppingS, SaveBestS
+
+    for sub in subs:
+        if isinstance(sub, EarlyStoppingS) and sub.stopped_epoch is not None and sub.stopped_epoch + 1 < epochs:
+            print(f"early stop: after epoch {sub.stopped_epoch} ({sub.monitor} did not improve for "
+                  f"{sub.wait} epoch{'s' if sub.wait != 1 else ''})")
+        if isinstance(sub, SaveBestS):
+            if sub.best_path is None:
+                print(f"best weights: none saved ({sub.monitor} was never finite)")
+            else:
+                print(f"best weights: {sub.best_path} ({sub.monitor} {sub.best_score:.4f} at epoch {sub.best_epoch})")
 
 
 def make_model(n_in: int, n_hidden: int, n_out: int) -> nn.Module:
@@ -134,6 +200,7 @@ def run_fit(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.plot and args.no_progress:
         raise ValueError("--plot draws from the progress display; drop --no-progress")
+    _check_recipe(args)
     make_log_dir(args.logdir)  # an unusable log directory fails now, not after loading and training
     torch.manual_seed(args.seed)
     try:
@@ -161,9 +228,15 @@ def run_fit(args: argparse.Namespace) -> int:
     run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     tensorboard = TensorBoardS(args.logdir, run_name)
     # Attached for the training fit only, so the LR finder's search prints no rows and logs nothing.
-    fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else [])]
+    recipe = _recipe_subs(args)
+    fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else []),
+                *recipe]
     # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
-    learn.fit(args.epochs, engine=args.engine, subs=fit_subs)
+    if args.one_cycle:
+        learn.fit_one_cycle(args.epochs, lr_max=args.lr, engine=args.engine, subs=fit_subs)
+    else:
+        learn.fit(args.epochs, engine=args.engine, subs=fit_subs)
+    _report_recipe(recipe, args.epochs)
     run_dir = Path(tensorboard.log_dir)
     if finder is not None:
         finder.plot().savefig(run_dir / "lr_find.png", format="png")

@@ -36,6 +36,7 @@ __all__ = [
     "get_lr",
     "set_lr",
     "model_device",
+    "loader_length",
     "collate_preds",
     "check_batch_structure",
     "CheckpointError",
@@ -156,9 +157,9 @@ def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
         exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
 
 
-def check_batch_structure(exc: Exception, batch: Any, mode: str) -> None:
-    """Raise a TypeError naming the expected `(inputs, targets)` when a failed batch is not one
-    (`mode`: the pass, "train", "valid" or "test")."""
+def check_batch_structure(exc: Exception | None, batch: Any, mode: str) -> None:
+    """Raise a TypeError naming the expected `(inputs, targets)` when a batch is not one
+    (`mode`: the pass, "train", "valid" or "test"; `exc`: the failure it caused, if any)."""
     if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2):
         return
     mode = {"train": "training", "valid": "validation"}.get(mode, mode)
@@ -270,7 +271,24 @@ class Dispatcher:
             self.open.pop()
             if self.cancelled == scope:
                 self.cancelled = None
-            self.publish(f"cleanup_{scope}")
+            self._publish_cleanup(scope)
+
+    def _publish_cleanup(self, scope: str) -> None:
+        """Fire `cleanup_<scope>` to every handler; a cancel raised there (of an enclosing scope:
+        `EarlyStoppingS` ends the fit once an epoch has wholly ended) takes effect after all ran."""
+        event = f"cleanup_{scope}"
+        pending: CancelException | None = None
+        learn = self.learn
+        for handler in self.handlers[event]:
+            try:
+                handler(learn)
+            except CancelException as exc:
+                pending = pending or exc
+            except Exception as exc:
+                _name_source(exc, handler, event)
+                raise
+        if pending is not None:
+            self._cancel(pending, scope)
 
     def abort(self) -> None:
         """Fire the cleanups of every open scope, innermost first (the engine failed)."""
@@ -359,6 +377,15 @@ class NativeEngine:
 
     def tensorboard_logger(self) -> Any:
         """None: a TensorBoard subscriber opens its own writer."""
+        return None
+
+
+def loader_length(dl: Any) -> int | None:
+    """The number of batches `dl` yields, or None when it cannot say (a `DataLoader` over an
+    `IterableDataset` without `__len__`, a generator)."""
+    try:
+        return len(dl)
+    except TypeError:
         return None
 
 
@@ -458,8 +485,16 @@ class Learner:
     # ----- the step: override these in subclasses -------------------------------------------
 
     def predict(self) -> None:
-        """Forward pass: `self.preds = model(batch[0])`."""
-        self.preds = self.model(self.batch[0])
+        """Forward pass: `self.preds = model(batch[0])`.
+
+        Raises:
+            TypeError: the batch is not an `(inputs, targets)` tuple or list (a bare tensor would
+                make `batch[0]` its first sample).
+        """
+        batch = self.batch
+        if type(batch) is not tuple and not isinstance(batch, (tuple, list)):
+            check_batch_structure(None, batch, self.mode)
+        self.preds = self.model(batch[0])
 
     def get_loss(self) -> None:
         """`self.loss = loss_fn(preds, batch[1])`; a failure gets a note with both shapes."""
@@ -516,7 +551,7 @@ class Learner:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         train = self.dls.train
-        if hasattr(train, "__len__") and len(train) == 0:
+        if loader_length(train) == 0:
             raise ValueError(
                 "the training loader is empty (len(dls.train) == 0): check the dataset and that "
                 "batch_size is not larger than the dataset with drop_last=True"
@@ -576,6 +611,7 @@ class Learner:
                 self.resume_plan = ResumePlan.restore(self, resume, train)
                 if lr is not None:  # the checkpoint's optimizer state carried its lr: this fit's wins
                     set_lr(self.opt, lr)
+            self.fit_valid = valid  # before before_fit: subscribers check what this fit logs
             self._start_native()
             self._scope("fit", self._fit_body, train, valid)
         finally:
@@ -607,7 +643,6 @@ class Learner:
             dispatch.close_scope(scope, failed=not ok)
 
     def _fit_body(self, train: bool, valid: bool) -> None:
-        self.fit_valid = valid
         epochs = self.epochs
         plan = self.resume_plan
         if plan is not None:
@@ -626,7 +661,7 @@ class Learner:
         self.model.train(training)
         self.mode = mode or ("train" if training else "valid")
         self.dl = dl if dl is not None else self.dls.train if training else self.dls.valid
-        self.n_batches = len(self.dl) if hasattr(self.dl, "__len__") else None
+        self.n_batches = loader_length(self.dl)
         self._scope("epoch", self._epoch_body)
 
     def _epoch_body(self) -> None:

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from nntrain.checkpoint import checkpoint_name, learner_state, prune_checkpoints, rng_state, subscriber_states
+from nntrain.checkpoint import (
+    DirectoryLock,
+    checkpoint_name,
+    learner_state,
+    list_checkpoints,
+    remove_stale_temporaries,
+    rng_state,
+    sigint_deferred,
+    subscriber_states,
+)
 from nntrain.learner import Subscriber
 
 __all__ = ["CheckpointS", "NonFiniteWeightsError"]
@@ -28,16 +37,24 @@ class CheckpointS(Subscriber):
     data order is drawn then), and each subscriber's `state_dict()` keyed by class name and
     occurrence (`MetricsS#0`).
 
-    Save points: after every `every_batches`-th training batch (at `after_batch`, after
-    `zero_grad`), and at the end of every `every_epochs`-th epoch (after its validation pass,
+    Save points: after every `every_batches`-th optimizer step (at `after_batch`, after
+    `zero_grad`; a batch that took no step, under `GradAccumS` or a skipped fp16 step, saves
+    nothing), and at the end of every `every_epochs`-th epoch (after its validation pass,
     or its training pass when there is none). A `KeyboardInterrupt` that lands outside a training
     batch (between batches, in a validation pass) also writes one, for the last training batch
     completed (in `cleanup_fit`); one that lands inside a training batch leaves the last
-    checkpoint as it is (the batch's state is half-made), with a warning. Only the
-    newest `keep` files are kept. (To make that interrupt checkpoint exact, every training batch
+    checkpoint as it is (the batch's state is half-made), with a warning; one landing during a
+    write is held until the file is complete. Only the newest `keep` files of this run are kept
+    (files it did not write, loadable or not, are never deleted).
+
+    One run per directory: at `before_fit` the directory is made and checked writable, a lock
+    (`DirectoryLock`) keeps a second writer out, temporary files a killed writer left are
+    removed, and a fresh fit into a directory that holds checkpoints of another run is refused
+    (resume it with `fit(resume="last")`, or use another directory). (To make that interrupt checkpoint exact, every training batch
     that is not saved keeps a snapshot of the RNG and subscriber states, about 75 us on a laptop
     CPU; `save_on_interrupt=False` turns both off.)
-    Weights holding NaN/inf are never written (`NonFiniteWeightsError`).
+    Weights or buffers (BatchNorm statistics) holding NaN/inf are never written
+    (`NonFiniteWeightsError`).
 
     Under Lightning the files are Lightning checkpoints (`ckpt-*.ckpt`, written by
     `trainer.save_checkpoint`, then made atomic the same way), which `fit(engine="lightning",
@@ -50,8 +67,9 @@ class CheckpointS(Subscriber):
     Args:
         dir: the directory for `ckpt-*.pt` files (made if missing).
         every_epochs: epochs between end-of-epoch checkpoints (None: none).
-        every_batches: training batches between checkpoints (None: none), counted by `global_step`.
-        keep: how many files to keep (oldest deleted first).
+        every_batches: optimizer steps between checkpoints (None: none), counted by `global_step`
+            (training batches, without accumulation).
+        keep: how many of this run's files to keep (oldest deleted first).
         save_on_interrupt: write a checkpoint when a KeyboardInterrupt stops the fit between batches.
     """
 
@@ -76,12 +94,56 @@ class CheckpointS(Subscriber):
         self._boundary: tuple | None = None
         self._saved_here = False  # the newest checkpoint is the current state
         self._save_at_epoch_end = False  # Lightning: a batch save moved to the epoch's end
+        self._steps_before = 0  # global_step when the training batch started
+        self._lock: DirectoryLock | None = None
 
     # ----- events --------------------------------------------------------------------------------
 
     def before_fit(self, learn: Any) -> None:
-        """Nothing saved yet in this fit."""
+        """Check the directory and take it for this run (see the class doc); nothing saved yet in this fit.
+
+        Raises:
+            ValueError: the directory cannot be made or written, or holds another run's checkpoints.
+            RuntimeError: another writer holds the directory's lock.
+        """
         self._boundary, self._saved_here, self._save_at_epoch_end = None, False, False
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"CheckpointS cannot use {self.dir}: {exc.strerror or exc} (a file in the way, or no "
+                             f"permission): give it a directory it can create") from None
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise ValueError(f"CheckpointS cannot write in {self.dir} (no permission): give it a writable directory")
+        if learn.engine.rank != 0:
+            return
+        self._lock = self._lock or DirectoryLock(self.dir)
+        self._lock.acquire()
+        try:
+            remove_stale_temporaries(self.dir)
+            self._adopt_run(learn)
+        except BaseException:
+            self._release()
+            raise
+
+    def _adopt_run(self, learn: Any) -> None:
+        """Refuse another run's files; when resuming from this directory, its files up to the
+        resumed one are this run's (pruned as ours)."""
+        files = list_checkpoints(self.dir)
+        plan = learn.resume_plan
+        source = Path(plan.path) if plan is not None and getattr(plan, "path", None) else None
+        if source is not None and source.parent.resolve() == self.dir.resolve():
+            self.saved = [f for f in files if f.name <= source.name]
+            return
+        foreign = [f for f in files if f not in self.saved]
+        if foreign:
+            raise ValueError(
+                f"{self.dir} holds checkpoints of another run ({len(foreign)} files, newest {foreign[-1].name}): "
+                f"continue that run with fit(..., resume='last'), give CheckpointS an empty directory, or "
+                f"delete those files")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def before_epoch(self, learn: Any) -> None:
         """Capture the RNG state at the start of a training pass (the loader draws its order from it)."""
@@ -93,14 +155,16 @@ class CheckpointS(Subscriber):
         if learn.model.training:
             self._boundary = None
             self._saved_here = False
+            self._steps_before = learn.global_step
 
     def after_batch(self, learn: Any) -> None:
         """Save every `every_batches` training batches; remember the clean point for an interrupt."""
         if not learn.model.training:
             return
         engine = learn.engine
-        if self.every_batches is not None and learn.global_step % self.every_batches == 0:
-            last = hasattr(learn.dl, "__len__") and learn.iter + 1 >= len(learn.dl)
+        stepped = learn.global_step != self._steps_before
+        if self.every_batches is not None and stepped and learn.global_step % self.every_batches == 0:
+            last = learn.n_batches is not None and learn.iter + 1 >= learn.n_batches
             if last and not engine.resumes_after_last_batch:
                 self._save_at_epoch_end = True
             else:
@@ -123,11 +187,21 @@ class CheckpointS(Subscriber):
     def cleanup_fit(self, learn: Any) -> None:
         """On a KeyboardInterrupt outside a training batch, save the last training batch completed
         (then the interrupt propagates)."""
-        exc = sys.exc_info()[1]
+        try:
+            self._save_on_interrupt(learn, sys.exc_info()[1])
+        finally:
+            self._release()
+
+    def _save_on_interrupt(self, learn: Any, exc: BaseException | None) -> None:
         if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt and learn.engine.saves_on_interrupt:
             if self._boundary is not None:
                 epoch, iter_, rng, subs, epoch_rng = self._boundary
-                self.save(learn, iter_, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
+                try:
+                    self.save(learn, iter_, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
+                except Exception as err:  # the interrupt goes on; the failed save is reported, not raised
+                    warnings.warn(f"interrupted: the interrupt checkpoint could not be written ({err}); the newest "
+                                  f"is {self.saved[-1] if self.saved else 'none from this fit'}",
+                                  RuntimeWarning, stacklevel=2)
             elif not self._saved_here:
                 newest = self.saved[-1] if self.saved else "none from this fit"
                 warnings.warn(f"interrupted inside a training batch (or before the first): no checkpoint "
@@ -145,20 +219,24 @@ class CheckpointS(Subscriber):
             NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
         """
         epoch = learn.epoch if epoch is None else epoch
-        params = [p.detach() for p in learn.model.parameters()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        tensors = [t for t in learn.model.state_dict().values() if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            bad = [k for k, t in learn.model.state_dict().items() if t.is_floating_point() and
+                   not bool(torch.isfinite(t).all())]
             raise NonFiniteWeightsError(
-                f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step}: no checkpoint "
-                f"written; the last good one is {self.saved[-1] if self.saved else 'none from this fit'}")
-        self._boundary, self._saved_here = None, True
+                f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step} (in {', '.join(bad[:5])}): "
+                f"no checkpoint written; the last good one is "
+                f"{self.saved[-1] if self.saved else 'none from this fit'}")
         state = learner_state(learn, epoch, iter_, rng, subs, epoch_rng if epoch_rng is not None else self._epoch_rng)
         stem = self.dir / checkpoint_name(learn.global_step, epoch, iter_, suffix="")
-        path = Path(learn.engine.save_checkpoint(stem, state, learn))
-        self.saved = [p for p in self.saved if p != path] + [path]
-        if learn.engine.rank == 0:
-            for gone in prune_checkpoints(self.dir, self.keep):
-                if gone in self.saved:
-                    self.saved.remove(gone)
+        with sigint_deferred():  # a Ctrl-C now lands after the file is in place and recorded
+            path = Path(learn.engine.save_checkpoint(stem, state, learn))
+            self._boundary, self._saved_here = None, True  # only once the file is in place
+            self.saved = [p for p in self.saved if p != path] + [path]
+            if learn.engine.rank == 0 and len(self.saved) > self.keep:
+                for gone in self.saved[:-self.keep]:
+                    gone.unlink(missing_ok=True)
+                self.saved = self.saved[-self.keep:]
         return path
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from nntrain.learner import Subscriber
+from nntrain.learner import Subscriber, loader_length
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
     from matplotlib.axes import Axes
@@ -90,7 +90,7 @@ class ProgressS(Subscriber):
         dl = learn.dl
         mode = learn.mode
         self._bar = tqdm(
-            total=len(dl) if hasattr(dl, "__len__") else None,
+            total=loader_length(dl),
             desc=f"epoch {learn.epoch + 1}/{learn.n_epochs} {mode}",
             leave=False,
             dynamic_ncols=True,

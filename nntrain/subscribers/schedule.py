@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from nntrain.learner import Subscriber
+from nntrain.learner import Subscriber, loader_length
 from nntrain.schedules import OneCycle
 
 __all__ = ["SchedulerS", "fit_one_cycle"]
@@ -129,7 +129,7 @@ def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.2
     if "lr" in fit_kwargs:
         raise TypeError("fit_one_cycle() sets the lr itself: pass lr_max, not lr")
     train = learn.dls.train
-    if not hasattr(train, "__len__"):
+    if loader_length(train) is None:
         raise TypeError(f"fit_one_cycle needs a training loader with a length (to know the steps); "
                         f"{type(train).__name__} has none: use fit with a SchedulerS")
     subs = list(fit_kwargs.pop("subs", ()))

@@ -76,8 +76,10 @@ def _epoch_done(learn: Any) -> bool:
 class EarlyStoppingS(Subscriber):
     """Stops the fit when `monitor` has not improved (see `Monitor`) for `patience` epochs, or is
     not finite: after the same epoch as Lightning's `EarlyStopping` with the same arguments.
-    The stop is a `CancelFitException` raised after every other subscriber's `after_epoch` (so
-    the epoch's checkpoint and best model are written); `after_fit` does not fire.
+    It counts in `after_epoch`, before `CheckpointS` saves (the count is in the epoch's
+    checkpoint), and stops with a `CancelFitException` raised in `cleanup_epoch`, once every
+    subscriber has ended the epoch (its checkpoint and best weights are written); `after_fit`
+    does not fire.
     `stopped_epoch` is the epoch it stopped after (None if it did not), `wait` the epochs
     without improvement. Its state goes into checkpoints.
 
@@ -86,7 +88,7 @@ class EarlyStoppingS(Subscriber):
             subscriber logs in this fit.
     """
 
-    order = 2000  # after CheckpointS (1000) and SaveBestS (1500)
+    order = 900  # after MetricsS (0) and SaveBestS (800) in after_epoch, before CheckpointS (1000) saves
 
     def __init__(self, monitor: str = "valid/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  check_finite: bool = True) -> None:
@@ -96,12 +98,13 @@ class EarlyStoppingS(Subscriber):
         self.monitor, self.patience, self.check_finite = monitor, patience, check_finite
         self.wait = 0
         self.stopped_epoch: int | None = None
+        self._stop = False
 
     def before_fit(self, learn: Any) -> None:
         """Check the monitored value is logged; start counting afresh."""
         check_monitored(learn, self.monitor, "EarlyStoppingS")
         self.tracker.reset()
-        self.wait, self.stopped_epoch = 0, None
+        self.wait, self.stopped_epoch, self._stop = 0, None, False
 
     def after_epoch(self, learn: Any) -> None:
         """Count an epoch without improvement; stop after `patience` of them."""
@@ -114,8 +117,13 @@ class EarlyStoppingS(Subscriber):
         self.wait += 1
         if (self.check_finite and not math.isfinite(value)) or self.wait >= self.patience:
             self.stopped_epoch = learn.epoch
-            if learn.epoch + 1 < learn.n_epochs:
-                raise CancelFitException()
+            self._stop = learn.epoch + 1 < learn.n_epochs  # after the last epoch the fit ends anyway
+
+    def cleanup_epoch(self, learn: Any) -> None:
+        """Stop the fit once the epoch that decided it has ended everywhere."""
+        if self._stop:
+            self._stop = False
+            raise CancelFitException()
 
     def state_dict(self) -> dict[str, Any]:
         """Best value, epochs waited and the stop, for checkpoints."""
@@ -139,7 +147,7 @@ class SaveBestS(Subscriber):
             a `path` that is a directory or cannot be written.
     """
 
-    order = 1500  # after MetricsS logged the epoch, before EarlyStoppingS may stop
+    order = 800  # after MetricsS (0) logged the epoch, before CheckpointS (1000) saves its state
 
     def __init__(self, path: str | os.PathLike, monitor: str = "valid/accuracy", mode: str = "max",
                  min_delta: float = 0.0, with_opt: bool = False) -> None:

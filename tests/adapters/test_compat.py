@@ -250,7 +250,7 @@ def test_a_scheduler_from_configure_optimizers_is_refused_before_the_first_batch
     module = ScheduledModule(learn)
     callbacks[0].module = module
     trainer = L.Trainer(max_epochs=1, callbacks=callbacks, **trainer_defaults(CPU))
-    with pytest.raises(ValueError, match="LR schedulers.*subscriber"):
+    with pytest.raises(ValueError, match="LR schedulers.*SchedulerS"):
         quiet(trainer.fit, module)
     assert not [e for e in rec.trace if e[0] == "before_batch"] and learn.global_step == 0
 

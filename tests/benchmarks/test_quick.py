@@ -62,6 +62,27 @@ def test_throughput_quick(tmp_path, capsys):
     assert "CPU tiny: bridge over plain Lightning: <= +30 us/step / " in printed
 
 
+def test_throughput_recipes_quick(tmp_path, capsys):
+    rows = throughput.main(["--quick", "--recipes", "--device", "cpu", "--out", str(tmp_path)])
+    written = check_outputs(tmp_path, "throughput_recipes", {("tiny", name) for name in throughput.RECIPES},
+                            ["us_per_step", "us_per_opt_step", "time_ratio", "batch_size", "steps", "opt_steps"])
+    assert [r["loop"] for r in rows] == [r["loop"] for r in written] == list(throughput.RECIPES)
+    printed = capsys.readouterr().out
+    for row in written:
+        base = throughput.RECIPES[row["loop"]][0] or row["loop"]
+        assert row["baseline"] == base
+        for key in ("overhead_us_per_step", "cpu_overhead_us_per_step"):
+            assert math.isfinite(row[key]), (key, row)
+        if row["loop"] != base:
+            assert f"CPU tiny: {row['loop']} over {base}: (reported) / " in printed
+    by = {r["loop"]: r for r in written}
+    assert by["learner"]["overhead_us_per_step"] == 0.0 and by["learner"]["time_ratio"] == 1.0
+    assert by["GradAccumS(2)"]["opt_steps"] == (throughput.QUICK_STEPS + 1) // 2  # the last, short group steps too
+    assert all(by[name]["opt_steps"] == throughput.QUICK_STEPS for name in by
+               if name not in ("GradAccumS(2)", "MixedPrecisionS(fp16)"))  # the fp16 scaler may skip a step
+    assert "GradScaler.step reads found_inf" in by["MixedPrecisionS(fp16)"]["note"]
+
+
 def test_data_quick(tmp_path, capsys):
     data.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     rows = check_outputs(tmp_path, "data", {(f"digits{data.SAMPLES_QUICK // 1000}k", loop) for loop in data.LOOPS},

@@ -395,8 +395,10 @@ def assert_same_run(learn, m, ref):
 
 
 @pytest.mark.parametrize("engine", ["native", "lightning"])
-def test_a_run_with_scheduler_fp16_and_early_stopping_resumes_mid_epoch_bitwise(tmp_path, recipe_reference, engine):
-    learn, _ = recipe_learner(CheckpointS(tmp_path, every_batches=2), StopAt(1, 3), resumable=True)
+@pytest.mark.parametrize("stop_at", [(1, 3), (2, 0)])  # the newest checkpoint inside epoch 1, at its end
+def test_a_run_with_scheduler_fp16_and_early_stopping_resumes_mid_epoch_bitwise(tmp_path, recipe_reference, engine,
+                                                                                stop_at):
+    learn, _ = recipe_learner(CheckpointS(tmp_path, every_batches=2), StopAt(*stop_at), resumable=True)
     torch.manual_seed(5)
     with pytest.raises(Crash):
         learn.fit(EPOCHS, engine=engine)
