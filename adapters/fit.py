@@ -18,7 +18,16 @@ from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
-from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
+from nntrain.learner import (
+    Learner,
+    Subscriber,
+    _empty_valid,
+    announce_resume,
+    collate_preds,
+    model_device,
+    set_lr,
+    subscriber_engines,
+)
 
 __all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
            "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -151,6 +160,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         plan = ResumePlan.restore(learn, resume, train, lightning_ok=True) if resume is not None else None
         if plan is not None and lr is not None:
             set_lr(learn.opt, lr)  # a native checkpoint's optimizer state carried its lr: this fit's wins
+        announce_resume(plan, int(os.environ.get("RANK", "0")))
+        valid = valid and not _empty_valid(learn.dls.valid)
         ckpt_path = None
         offset = 0
         if plan is not None:

@@ -43,6 +43,7 @@ __all__ = [
     "set_rng_state",
     "model_mismatch",
     "check_model",
+    "check_optimizer",
     "set_grads",
     "subscriber_states",
     "load_subscriber_states",
@@ -392,6 +393,39 @@ def check_model(learn: Any, path: str | os.PathLike, weights: dict[str, torch.Te
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
 
 
+_GROUP_KEYS_IGNORED = frozenset(("params", "initial_lr", "lr"))
+
+
+def check_optimizer(learn: Any, path: str | os.PathLike, saved: dict[str, Any] | None) -> None:
+    """Raise a `CheckpointError` when the optimizer state saved at `path` cannot go into
+    `learn.opt`: another optimizer class (other hyper-parameters in its param groups, as SGD's
+    `momentum` for Adam's `betas`), other param groups, or a hand-written optimizer that cannot
+    take the state it would silently drop."""
+    opt = learn.opt
+    if saved is None:
+        return
+    name = type(opt).__name__
+    if not hasattr(opt, "load_state_dict"):
+        raise CheckpointError(f"checkpoint {path} holds an optimizer state, but this learner's optimizer ({name}) "
+                              f"has no load_state_dict: resume with the optimizer class it was saved with")
+    groups, own = saved.get("param_groups", []), getattr(opt, "param_groups", None)
+    if own is None:
+        return
+    if len(groups) != len(own):
+        raise CheckpointError(f"checkpoint {path} has an optimizer state with {len(groups)} param groups, this "
+                              f"learner's {name} has {len(own)}")
+    for saved_group, group in zip(groups, own):
+        a, b = set(saved_group) - _GROUP_KEYS_IGNORED, set(group) - _GROUP_KEYS_IGNORED
+        if a != b:
+            raise CheckpointError(
+                f"checkpoint {path} holds the state of another optimizer (its param groups have "
+                f"{', '.join(sorted(a - b)) or 'fewer keys'}; this learner's {name} has "
+                f"{', '.join(sorted(b - a)) or 'fewer keys'}): resume with the optimizer class it was saved with")
+        if len(saved_group["params"]) != len(group["params"]):
+            raise CheckpointError(f"checkpoint {path} has an optimizer state for {len(saved_group['params'])} "
+                                  f"parameters in a group, this learner's {name} has {len(group['params'])}")
+
+
 def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
     """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
     with torch.no_grad():
@@ -419,7 +453,12 @@ def load_subscriber_states(subs: list[Any], states: dict[str, Any]) -> None:
         key = f"{name}#{seen.get(name, 0)}"
         seen[name] = seen.get(name, 0) + 1
         if key in states and callable(getattr(sub, "load_state_dict", None)):
-            sub.load_state_dict(states[key])
+            try:
+                sub.load_state_dict(states[key])
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                raise CheckpointError(f"the saved state of {key} does not fit this {name} ({type(exc).__name__}: "
+                                      f"{exc}): was it saved by another version of it, or with other "
+                                      f"arguments?") from exc
 
 
 def learner_state(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, subs: dict | None = None,
@@ -554,19 +593,52 @@ class ResumePlan:
                                   f"resume=...), which hands it to the Trainer as ckpt_path")
         if plan.inside_epoch and not train:
             raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
+        plan.check_fits(learn)
         if plan.lightning:
             prefix = "model."
             check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items()
                                       if k.startswith(prefix)})
+            saved_opts = state.get("optimizer_states") or [None]
+            check_optimizer(learn, path, saved_opts[0])
             return plan
         check_model(learn, path, state["model"])
+        check_optimizer(learn, path, state["optimizer"])
         learn.model.load_state_dict(state["model"])
-        if state["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
+        if state["optimizer"] is not None:
             learn.opt.load_state_dict(state["optimizer"])
         set_grads(learn.model, plan.grads)
         learn.global_step = plan.global_step
         learn.epoch = plan.start_epoch
         return plan
+
+    def describe(self) -> str:
+        """Where the fit continues: "<path> (epoch e, after batch i | at its end, step s)"."""
+        where = "at its end" if self.iter is None else f"after training batch {self.iter}"
+        return f"{self.path} (epoch {self.epoch}, {where}, step {self.global_step})"
+
+    def check_fits(self, learn: Any) -> None:
+        """Refuse, before anything is loaded, a resume that cannot continue this fit: a checkpoint
+        past the fit's last epoch, or a position past the training loader's end. A checkpoint at
+        the end of the fit's last epoch is a finished run: a warning says so (nothing is trained).
+
+        Raises:
+            ValueError: naming the checkpoint's position and what does not fit.
+        """
+        n_epochs = learn.n_epochs
+        if self.start_epoch > n_epochs:
+            raise ValueError(f"checkpoint {self.describe()} is past this {n_epochs}-epoch fit: fit(epochs) counts all "
+                             f"epochs, so continue it with fit({self.start_epoch + 1} or more, resume=...)")
+        if self.start_epoch == n_epochs:
+            warnings.warn(f"checkpoint {self.describe()} ends this {n_epochs}-epoch run: nothing left to train "
+                          f"(ask for more epochs to go on)", RuntimeWarning, stacklevel=3)
+        if self.inside_epoch:
+            from nntrain.learner import loader_length
+
+            n = loader_length(learn.dls.train)
+            if n is not None and self.iter + 1 > n:
+                raise ValueError(f"checkpoint {self.describe()} was taken after batch {self.iter}, but the training "
+                                 f"loader has {n} batches per epoch (another batch size or dataset?): resume with "
+                                 f"the loader it was saved with, or from a checkpoint at an epoch's end")
 
     def apply_states(self, learn: Any) -> None:
         """Give `learn`'s subscribers their saved states (by class name and occurrence) and
@@ -574,7 +646,10 @@ class ResumePlan:
         if self.applied:
             return
         self.applied = True
-        load_subscriber_states(learn.subs, self.subs)
+        try:
+            load_subscriber_states(learn.subs, self.subs)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint {self.path}: {exc}") from exc.__cause__
         set_rng_state(self.rng)
 
 

@@ -8,9 +8,12 @@ training, `before_backward`, `after_backward`, `before_step` and `after_step`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -112,6 +115,35 @@ class Subscriber:
         """Restore what `state_dict` returned."""
 
 
+def check_subscribers(subs: Any, where: str = "subs") -> list[Any]:
+    """`subs` as a list (None: empty), each entry checked to be a subscriber instance.
+
+    Raises:
+        TypeError: `subs` is not a sequence, or an entry is a class (not an instance) or an
+            object with no event method.
+    """
+    if subs is None:
+        return []
+    if isinstance(subs, (str, bytes)) or not isinstance(subs, Iterable):
+        raise TypeError(f"{where} must be a list of subscribers, got {type(subs).__name__}")
+    subs = list(subs)
+    for i, sub in enumerate(subs):
+        if isinstance(sub, type):
+            raise TypeError(f"{where}[{i}] is the class {sub.__name__}, not a subscriber: pass an instance, "
+                            f"{sub.__name__}(...)")
+        if not any(callable(getattr(sub, event, None)) for event in EVENTS) and \
+                not any(_EVENT_LIKE.match(name) for name in dir(type(sub))):  # a typo: event_handlers names it
+            raise TypeError(f"{where}[{i}] is {_describe(sub)} with no event method ({', '.join(EVENTS[:3])}, ...): "
+                            f"it is not a subscriber")
+    return subs
+
+
+def check_lr(lr: Any, where: str = "lr") -> None:
+    """Raise a ValueError unless `lr` is a finite number >= 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where} must be a finite number >= 0, got {lr!r}")
+
+
 def event_handlers(subs: Iterable[Subscriber]) -> dict[str, tuple[Callable[[Any], None], ...]]:
     """Map each event to the bound handlers of `subs`, sorted by `order` (stable).
 
@@ -142,12 +174,43 @@ def _name_source(exc: BaseException, handler: Callable[[Any], None], event: str)
         exc.add_note(note)
 
 
+def _warn_masked(exc: BaseException, handler: Callable[[Any], None], event: str) -> None:
+    """Warn about an error raised by a cleanup handler while an earlier error unwinds."""
+    sub = getattr(handler, "__self__", handler)
+    warnings.warn(f"{type(sub).__name__}.{event} failed while an earlier error was unwinding the fit (that error "
+                  f"is raised): {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     if isinstance(x, (tuple, list)):
         return f"a {type(x).__name__} of length {len(x)}"
     return f"a {type(x).__name__}"
+
+
+def _check_loss(loss: Any) -> None:
+    """Raise a TypeError unless `loss` is a 0-dim tensor (the step backpropagates it)."""
+    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
+        return
+    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+    hint = " (reduce it: reduction='mean')" if isinstance(loss, torch.Tensor) else " (compute it with torch ops)"
+    raise TypeError(f"loss_fn must return a 0-dim tensor (one number that backward can differentiate), "
+                    f"it returned {what}{hint}")
+
+
+def _note_model_failure(exc: BaseException, inputs: Any, training: bool) -> None:
+    """Attach the input's shape and dtype (and, for a BatchNorm batch of one, the fix) to a
+    failure of the model's forward pass."""
+    if not hasattr(exc, "add_note"):
+        return
+    desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, torch.Tensor) else \
+        _describe(inputs)
+    exc.add_note(f"model(inputs) failed: inputs {desc}")
+    if training and isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == 1 and \
+            "more than 1 value per channel" in str(exc):
+        exc.add_note("the training batch has 1 sample (the epoch's last, smaller batch?): BatchNorm cannot train "
+                     "on it; drop it with drop_last=True on the training loader")
 
 
 def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
@@ -271,11 +334,13 @@ class Dispatcher:
             self.open.pop()
             if self.cancelled == scope:
                 self.cancelled = None
-            self._publish_cleanup(scope)
+            self._publish_cleanup(scope, failed)
 
-    def _publish_cleanup(self, scope: str) -> None:
+    def _publish_cleanup(self, scope: str, failed: bool = False) -> None:
         """Fire `cleanup_<scope>` to every handler; a cancel raised there (of an enclosing scope:
-        `EarlyStoppingS` ends the fit once an epoch has wholly ended) takes effect after all ran."""
+        `EarlyStoppingS` ends the fit once an epoch has wholly ended) takes effect after all ran.
+        While an error unwinds the scope (`failed`), a cleanup's own error is a warning, so the
+        first error is the one raised."""
         event = f"cleanup_{scope}"
         pending: CancelException | None = None
         learn = self.learn
@@ -286,16 +351,49 @@ class Dispatcher:
                 pending = pending or exc
             except Exception as exc:
                 _name_source(exc, handler, event)
-                raise
+                if not failed:
+                    raise
+                _warn_masked(exc, handler, event)
         if pending is not None:
             self._cancel(pending, scope)
 
     def abort(self) -> None:
-        """Fire the cleanups of every open scope, innermost first (the engine failed)."""
+        """Fire the cleanups of every open scope, innermost first (the engine failed: a cleanup's
+        own error is a warning, so the engine's error is the one raised)."""
         while self.open:
             scope = self.open.pop()
-            self.publish(f"cleanup_{scope}")
+            self._publish_cleanup(scope, failed=True)
         self.cancelled = None
+
+
+def check_fit_args(lr: Any, resume: Any) -> None:
+    """Raise for a `fit` argument of the wrong kind, before anything runs.
+
+    Raises:
+        ValueError: `lr` not a finite number >= 0.
+        TypeError: `resume` not a path, a directory or "last" (`True`, "").
+    """
+    if lr is not None:
+        check_lr(lr)
+    if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))
+                               or str(resume) == ""):
+        raise TypeError(f'resume must be a checkpoint file, a directory or "last", got {resume!r}')
+
+
+def announce_resume(plan: Any, rank: int) -> None:
+    """Say on stderr (rank 0) where a fit continues from."""
+    if plan is not None and rank == 0:
+        print(f"nntrain: resuming from {plan.describe()}", file=sys.stderr)
+
+
+def _empty_valid(dl: Any) -> bool:
+    """Whether the validation loader is known to be empty (then warn: no validation pass, as
+    Lightning skips an empty loader)."""
+    if loader_length(dl) != 0:
+        return False
+    warnings.warn("the validation loader is empty (len(dls.valid) == 0): the fit runs no validation pass",
+                  RuntimeWarning, stacklevel=3)
+    return True
 
 
 class Engine(Protocol):
@@ -439,12 +537,13 @@ class Learner:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if not callable(optim_class):
             raise TypeError(f"optim_class must be callable as optim_class(params, lr), got {optim_class!r}")
+        check_lr(lr)
         self.model = model
         self.dls = dls
         self.loss_fn = loss_fn
         self.optim_class = optim_class
         self.lr = lr
-        self.subs: list[Subscriber] = list(subs)
+        self.subs: list[Subscriber] = check_subscribers(subs)
         self.opt: Any = None
         self.engine: Engine = NativeEngine()
         self.global_step = 0
@@ -462,13 +561,17 @@ class Learner:
     # ----- subscribers and dispatch -------------------------------------------------------
 
     def add_subs(self, subs: Iterable[Subscriber]) -> None:
-        """Attach `subs` and re-sort the dispatch table."""
-        self.subs.extend(subs)
+        """Attach `subs` and re-sort the dispatch table.
+
+        Raises:
+            TypeError: an entry is not a subscriber instance (see `check_subscribers`).
+        """
+        self.subs.extend(check_subscribers(subs))
         self.dispatch.set_subs(self.subs)
 
     def remove_subs(self, subs: Iterable[Subscriber]) -> None:
         """Detach `subs` (each once) and re-sort the dispatch table."""
-        for sub in subs:
+        for sub in subs or ():
             if sub in self.subs:
                 self.subs.remove(sub)
         self.dispatch.set_subs(self.subs)
@@ -494,15 +597,21 @@ class Learner:
         batch = self.batch
         if type(batch) is not tuple and not isinstance(batch, (tuple, list)):
             check_batch_structure(None, batch, self.mode)
-        self.preds = self.model(batch[0])
+        try:
+            self.preds = self.model(batch[0])
+        except Exception as exc:  # free when nothing is raised
+            _note_model_failure(exc, batch[0], self.model.training)
+            raise
 
     def get_loss(self) -> None:
         """`self.loss = loss_fn(preds, batch[1])`; a failure gets a note with both shapes."""
         try:
-            self.loss = self.loss_fn(self.preds, self.batch[1])
+            self.loss = loss = self.loss_fn(self.preds, self.batch[1])
         except Exception as exc:  # free when nothing is raised: shapes are read only on failure
             _note_shapes(exc, self.preds, self.batch[1])
             raise
+        if type(loss) is not torch.Tensor or loss.ndim != 0:
+            _check_loss(loss)
 
     def backward(self) -> None:
         """Backpropagate `self.loss_grad` through the engine (Lightning applies its precision
@@ -556,6 +665,11 @@ class Learner:
                 "the training loader is empty (len(dls.train) == 0): check the dataset and that "
                 "batch_size is not larger than the dataset with drop_last=True"
             )
+        for name, dl in (("train", train), ("valid", self.dls.valid)):
+            if isinstance(dl, Iterator):  # a generator or iterator: used up after one pass
+                raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
+                                f"pass and the next epochs would train on nothing; give a DataLoader or another "
+                                f"object that can be iterated again")
         if self.opt is None:
             self.create_opt(lr)
         elif lr is not None:
@@ -598,6 +712,8 @@ class Learner:
         Raises:
             CheckpointError: the checkpoint is unreadable, incomplete or for another model.
         """
+        subs = check_subscribers(subs)
+        check_fit_args(lr, resume)
         if engine != "native":
             run = resolve(ENGINES, engine, "engine")
             return run(self, epochs, train=train, valid=valid, subs=subs, lr=lr, resume=resume, **trainer_kwargs)
@@ -611,6 +727,8 @@ class Learner:
                 self.resume_plan = ResumePlan.restore(self, resume, train)
                 if lr is not None:  # the checkpoint's optimizer state carried its lr: this fit's wins
                     set_lr(self.opt, lr)
+                announce_resume(self.resume_plan, self.engine.rank)
+            valid = valid and not _empty_valid(self.dls.valid)
             self.fit_valid = valid  # before before_fit: subscribers check what this fit logs
             self._start_native()
             self._scope("fit", self._fit_body, train, valid)
