@@ -3,6 +3,7 @@ truncated file), KeyboardInterrupt, the NaN guard, and clear errors for bad inpu
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -205,25 +206,55 @@ def test_sigkill_mid_epoch_then_resume_and_a_truncated_newest_file(tmp_path, ref
         assert_same(*resume(tmp_path / "b", every_batches=2), ref)
 
 
-def test_keyboard_interrupt_closes_bars_flushes_tensorboard_and_saves_then_propagates(tmp_path, ref):
+class CtrlC(Subscriber):
+    """Press Ctrl-C (a real SIGINT, `times` times) at `event` of batch `at` of a `mode` pass."""
+
+    def __init__(self, at, event="before_batch", mode="train", times=1):
+        self.at, self.mode, self.times = at, mode, times
+        setattr(self, event, self._press)
+
+    def _press(self, learn) -> None:
+        if learn.mode == self.mode and (learn.epoch, learn.iter) == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_closes_bars_flushes_tensorboard_and_saves_then_propagates(tmp_path, ref):
     progress, board = ProgressS(), TensorBoardS(tmp_path / "runs")
-    learn, _ = make(CheckpointS(tmp_path / "ck"), progress, board, StopAt(1, 2, KeyboardInterrupt, "before_batch"))
+    learn, _ = make(CheckpointS(tmp_path / "ck"), progress, board, CtrlC((1, 2)))
     torch.manual_seed(123)
     with pytest.raises(KeyboardInterrupt):
         learn.fit(EPOCHS)
     assert progress._bar is None and board._writer is None  # closed in cleanup_epoch / cleanup_fit
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
-    assert list_checkpoints(tmp_path / "ck")[-1].name.endswith("-e000001-b0000001.pt")
+    assert list_checkpoints(tmp_path / "ck")[-1].name.endswith("-e000001-b0000002.pt")  # the batch finished
     assert_same(*resume(tmp_path / "ck"), ref)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-class InterruptInValidation(Subscriber):
-    def before_batch(self, learn) -> None:
-        if not learn.model.training and (learn.epoch, learn.iter) == (1, 1):
-            raise KeyboardInterrupt
+def test_ctrl_c_inside_a_batch_finishes_the_batch_saves_it_exactly(tmp_path, ref):
+    learn, _ = make(CheckpointS(tmp_path), CtrlC((1, 2), "after_loss"))
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyboardInterrupt):
+            learn.fit(EPOCHS)
+    assert list_checkpoints(tmp_path)[-1].name == "ckpt-s0000000009-e000001-b0000002.pt"
+    assert_same(*resume(tmp_path), ref)
 
 
-def test_keyboard_interrupt_in_validation_saves_the_last_training_batch(tmp_path, ref):
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    learn, _ = make(CheckpointS(tmp_path), CtrlC((1, 2), "after_loss", times=2))
+    with pytest.warns(RuntimeWarning, match="no checkpoint written"), pytest.raises(KeyboardInterrupt):
+        learn.fit(EPOCHS)
+    assert learn.global_step == 8 and [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-s0000000006-e000000-end.pt"]
+
+
+def InterruptInValidation():
+    return CtrlC((1, 1), mode="valid")
+
+
+def test_ctrl_c_in_validation_saves_the_last_training_batch(tmp_path, ref):
     learn, _ = make(CheckpointS(tmp_path), InterruptInValidation())
     torch.manual_seed(123)
     with pytest.raises(KeyboardInterrupt):
@@ -232,7 +263,7 @@ def test_keyboard_interrupt_in_validation_saves_the_last_training_batch(tmp_path
     assert_same(*resume(tmp_path), ref)  # the validation pass of epoch 1 runs again
 
 
-def test_keyboard_interrupt_right_after_a_save_keeps_that_checkpoint_silently(tmp_path, ref):
+def test_ctrl_c_right_after_a_save_keeps_that_checkpoint_silently(tmp_path, ref):
     learn, _ = make(CheckpointS(tmp_path, every_batches=1), InterruptInValidation())
     torch.manual_seed(123)
     with warnings.catch_warnings():
@@ -243,7 +274,7 @@ def test_keyboard_interrupt_right_after_a_save_keeps_that_checkpoint_silently(tm
     assert_same(*resume(tmp_path, every_batches=1), ref)
 
 
-def test_keyboard_interrupt_inside_a_batch_writes_nothing_and_warns(tmp_path):
+def test_a_keyboard_interrupt_raised_inside_a_batch_writes_nothing_and_warns(tmp_path):
     learn, _ = make(CheckpointS(tmp_path), StopAt(1, 2, KeyboardInterrupt, "after_loss"))
     torch.manual_seed(123)
     with pytest.warns(RuntimeWarning, match="no checkpoint written"), pytest.raises(KeyboardInterrupt):

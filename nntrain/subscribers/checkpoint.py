@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,19 +42,24 @@ class CheckpointS(Subscriber):
     Save points: after every `every_batches`-th optimizer step (at `after_batch`, after
     `zero_grad`; a batch that took no step, under `GradAccumS` or a skipped fp16 step, saves
     nothing), and at the end of every `every_epochs`-th epoch (after its validation pass,
-    or its training pass when there is none). A `KeyboardInterrupt` that lands outside a training
-    batch (between batches, in a validation pass) also writes one, for the last training batch
-    completed (in `cleanup_fit`); one that lands inside a training batch leaves the last
-    checkpoint as it is (the batch's state is half-made), with a warning; one landing during a
-    write is held until the file is complete. Only the newest `keep` files of this run are kept
+    or its training pass when there is none). Only the newest `keep` files of this run are kept
     (files it did not write, loadable or not, are never deleted).
+
+    Ctrl-C: natively, in the main thread, a Ctrl-C is held until the next clean point (the end of
+    the running training batch, or of a validation batch), where the state is saved exactly (in a
+    validation pass: the last training batch's), then raised; a second Ctrl-C interrupts at
+    once. So only one snapshot per training pass is taken (its last batch's, for an interrupt
+    during validation). Where Ctrl-C cannot be held (another thread or SIGINT handler), or for a
+    `KeyboardInterrupt` raised by code, the interrupt is handled in `cleanup_fit`: outside a
+    training batch it writes the last training batch completed (each training batch not saved
+    then keeps a snapshot of the RNG and subscriber states, about 75 us); inside one it leaves
+    the last checkpoint as it is, with a warning. One landing during a write is held until the
+    file is complete. `save_on_interrupt=False` turns all of it off.
 
     One run per directory: at `before_fit` the directory is made and checked writable, a lock
     (`DirectoryLock`) keeps a second writer out, temporary files a killed writer left are
     removed, and a fresh fit into a directory that holds checkpoints of another run is refused
-    (resume it with `fit(resume="last")`, or use another directory). (To make that interrupt checkpoint exact, every training batch
-    that is not saved keeps a snapshot of the RNG and subscriber states, about 75 us on a laptop
-    CPU; `save_on_interrupt=False` turns both off.)
+    (resume it with `fit(resume="last")`, or use another directory).
     Weights or buffers (BatchNorm statistics) holding NaN/inf are never written
     (`NonFiniteWeightsError`).
 
@@ -96,6 +103,8 @@ class CheckpointS(Subscriber):
         self._save_at_epoch_end = False  # Lightning: a batch save moved to the epoch's end
         self._steps_before = 0  # global_step when the training batch started
         self._lock: DirectoryLock | None = None
+        self._interrupt = False  # a Ctrl-C arrived and waits for the next clean point
+        self._defers = False  # this fit holds Ctrl-C until a clean point (see _defer_ctrl_c)
 
     # ----- events --------------------------------------------------------------------------------
 
@@ -124,6 +133,48 @@ class CheckpointS(Subscriber):
         except BaseException:
             self._release()
             raise
+        self._defer_ctrl_c(learn)
+
+    def _defer_ctrl_c(self, learn: Any) -> None:
+        """Hold a Ctrl-C until the next clean point (the end of a training batch, the end of a
+        validation batch or pass), where the state is saved exactly and the interrupt raised: no
+        per-batch snapshot needed. A second Ctrl-C interrupts at once. Only in the main thread,
+        where Python's own handler is in place, on an engine that leaves Ctrl-C to us."""
+        self._interrupt = self._defers = False
+        if not (self.save_on_interrupt and learn.engine.saves_on_interrupt):
+            return
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+
+        def hold(signum: int, frame: Any) -> None:
+            self._interrupt = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises at once
+
+        signal.signal(signal.SIGINT, hold)
+        self._defers = True
+
+    def _stop_for_interrupt(self, learn: Any, now: bool, iter_: int | None = None) -> None:
+        """A held Ctrl-C: save the clean state (`now`, at position `iter_`; else the last
+        training batch's) unless it is saved already, and raise the interrupt."""
+        self._interrupt = False
+        try:
+            if now and not self._saved_here:
+                self.save(learn, iter_)
+            elif not now and self._boundary is not None:
+                epoch, at, rng, subs, epoch_rng = self._boundary
+                self.save(learn, at, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
+        except Exception as err:  # the interrupt goes on; the failed save is reported, not raised
+            self._boundary, self._saved_here = None, True  # said here: nothing more to try or warn about
+            warnings.warn(f"interrupted: the interrupt checkpoint could not be written ({err}); the newest is "
+                          f"{self.saved[-1] if self.saved else 'none from this fit'}", RuntimeWarning, stacklevel=3)
+        raise KeyboardInterrupt
+
+    def _undefer_ctrl_c(self) -> None:
+        if self._defers:
+            self._defers = False
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _adopt_run(self, learn: Any) -> None:
         """Refuse another run's files; when resuming from this directory, its files up to the
@@ -158,8 +209,11 @@ class CheckpointS(Subscriber):
             self._steps_before = learn.global_step
 
     def after_batch(self, learn: Any) -> None:
-        """Save every `every_batches` training batches; remember the clean point for an interrupt."""
+        """Save every `every_batches` optimizer steps; remember the clean point for an interrupt;
+        stop for a held Ctrl-C."""
         if not learn.model.training:
+            if self._interrupt:
+                self._stop_for_interrupt(learn, now=False)
             return
         engine = learn.engine
         stepped = learn.global_step != self._steps_before
@@ -169,20 +223,28 @@ class CheckpointS(Subscriber):
                 self._save_at_epoch_end = True
             else:
                 self.save(learn, learn.iter)
-        elif self.save_on_interrupt and engine.saves_on_interrupt:
+        elif self.save_on_interrupt and engine.saves_on_interrupt and (
+                not self._defers or learn.n_batches is None or learn.iter + 1 >= learn.n_batches):
             # what an interrupt before the next batch saves: taken now, because the cleanups that
-            # run before cleanup_fit (MetricsS drops its buffer) change subscriber state
+            # run before cleanup_fit (MetricsS drops its buffer) change subscriber state. A held
+            # Ctrl-C needs it only for the pass's last batch (an interrupt during validation).
             self._boundary = (learn.epoch, learn.iter, rng_state(), subscriber_states(learn.subs),
                               self._epoch_rng)
+        if self._interrupt:
+            self._stop_for_interrupt(learn, now=True, iter_=learn.iter)
 
     def after_epoch(self, learn: Any) -> None:
         """Save at the end of every `every_epochs`-th epoch (after validation, if any)."""
         ends_epoch = not learn.model.training or not learn.fit_valid
         if not ends_epoch:
+            if self._interrupt:
+                self._stop_for_interrupt(learn, now=False)
             return
         if self._save_at_epoch_end or (self.every_epochs is not None and (learn.epoch + 1) % self.every_epochs == 0):
             self._save_at_epoch_end = False
             self.save(learn, None)
+        if self._interrupt:
+            self._stop_for_interrupt(learn, now=True, iter_=None)
 
     def cleanup_fit(self, learn: Any) -> None:
         """On a KeyboardInterrupt outside a training batch, save the last training batch completed
@@ -190,7 +252,11 @@ class CheckpointS(Subscriber):
         try:
             self._save_on_interrupt(learn, sys.exc_info()[1])
         finally:
+            self._undefer_ctrl_c()
             self._release()
+        if self._interrupt:  # held past the last clean point: the fit ended, the interrupt still counts
+            self._interrupt = False
+            raise KeyboardInterrupt
 
     def _save_on_interrupt(self, learn: Any, exc: BaseException | None) -> None:
         if isinstance(exc, KeyboardInterrupt) and self.save_on_interrupt and learn.engine.saves_on_interrupt:
