@@ -286,7 +286,34 @@ def test_undetectable_columns(dd):
 
 def test_images_of_different_sizes_are_refused():
     dd = image_dd([np.zeros((8, 8), np.uint8), np.zeros((4, 4), np.uint8)], [0, 1])
-    with pytest.raises(ValueError, match=r"different shapes \[\(4, 4, 1\), \(8, 8, 1\)\]; resize them"):
+    with pytest.raises(ValueError, match=r"different sizes \(height, width\) \[\(4, 4\), \(8, 8\)\]; resize them"):
+        DataLoaders.from_hf_dd(dd, 2)
+
+
+def test_images_of_mixed_modes_are_told_to_convert_not_resize():
+    dd = image_dd([np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.uint8)], [0, 1])
+    for collate in ("batched", "per_item"):
+        with pytest.raises(ValueError, match=r"different modes \['L', 'RGB'\]; convert them|different shapes.*convert"):
+            next(iter(DataLoaders.from_hf_dd(dd, 2, collate=collate).train))
+
+
+def test_train_and_valid_images_of_different_shapes_are_refused_up_front():
+    import datasets
+
+    train = image_dd([np.zeros((4, 4), np.uint8)] * 2, [0, 1])["train"]
+    valid = image_dd([np.zeros((5, 5), np.uint8)] * 2, [0, 1])["train"]
+    dd = datasets.DatasetDict({"train": train, "valid": valid})
+    for collate in ("batched", "per_item"):
+        with pytest.raises(ValueError, match=r"split 'train' have shape .* but those of 'valid' have"):
+            DataLoaders.from_hf_dd(dd, 2, collate=collate)
+
+
+def test_an_empty_split_is_refused():
+    import datasets
+
+    full = image_dd([np.zeros((4, 4), np.uint8)] * 2, [0, 1])["train"]
+    dd = datasets.DatasetDict({"train": full, "valid": full.select([])})
+    with pytest.raises(ValueError, match="split 'valid' of the DatasetDict is empty"):
         DataLoaders.from_hf_dd(dd, 2)
 
 
