@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +42,8 @@ __all__ = [
     "loader_length",
     "collate_preds",
     "check_batch_structure",
+    "split_batch",
+    "TARGET_KEYS",
     "CheckpointError",
 ]
 
@@ -220,14 +222,41 @@ def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
         exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
 
 
+TARGET_KEYS: tuple[str, ...] = ("labels", "label")
+"""Keys of a mapping batch that hold the targets (Hugging Face's convention), tried in order."""
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """`(inputs, targets)` of a batch: a tuple's or list's first two items (targets None for a
+    1-tuple); for a mapping, the targets under `"labels"` (or `"label"`) and the other entries
+    as the inputs (the model's keyword arguments), targets None without such a key.
+
+    Raises:
+        TypeError: the batch is neither (a bare tensor would make `batch[0]` its first sample).
+    """
+    if type(batch) is tuple or isinstance(batch, (tuple, list)):
+        if len(batch) >= 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+    elif isinstance(batch, Mapping):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k != key}, (None if key is None else batch[key])
+    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping "
+                    f"with the targets under 'labels'; got {_describe(batch)}")
+
+
 def check_batch_structure(exc: Exception | None, batch: Any, mode: str) -> None:
     """Raise a TypeError naming the expected `(inputs, targets)` when a batch is not one
     (`mode`: the pass, "train", "valid" or "test"; `exc`: the failure it caused, if any)."""
-    if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+    if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2) or \
+            (isinstance(batch, Mapping) and any(k in batch for k in TARGET_KEYS)):
         return
     mode = {"train": "training", "valid": "validation"}.get(mode, mode)
-    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2); the "
-                    f"{mode} loader yielded {_describe(batch)}") from exc
+    mapping = f" (a mapping needs its targets under {' or '.join(repr(k) for k in TARGET_KEYS)}; its keys: " \
+              f"{sorted(map(str, batch))})" if isinstance(batch, Mapping) else ""
+    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping with "
+                    f"'labels'; the {mode} loader yielded {_describe(batch)}{mapping}") from exc
 
 
 _SCOPE_OF: dict[type[CancelException], str] = {
@@ -587,28 +616,46 @@ class Learner:
 
     # ----- the step: override these in subclasses -------------------------------------------
 
+    def split_batch(self, batch: Any) -> tuple[Any, Any]:
+        """`(inputs, targets)` of `batch` (see `nntrain.learner.split_batch`: tuples, lists and
+        Hugging Face-style mappings); override it for other batch structures."""
+        try:
+            return split_batch(batch)
+        except TypeError as exc:
+            check_batch_structure(exc, batch, self.mode)
+            raise
+
+    def call_model(self, inputs: Any) -> Any:
+        """`model(inputs)`, or `model(**inputs)` for a mapping; a Hugging Face output's `logits`."""
+        out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+        if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+            return out.logits
+        return out
+
     def predict(self) -> None:
-        """Forward pass: `self.preds = model(batch[0])`.
+        """Forward pass: `self.preds = call_model(inputs)`, the inputs from `split_batch`.
 
         Raises:
-            TypeError: the batch is not an `(inputs, targets)` tuple or list (a bare tensor would
-                make `batch[0]` its first sample).
+            TypeError: the batch is no `(inputs, targets)` tuple or list nor a mapping (a bare
+                tensor would make `batch[0]` its first sample).
         """
-        batch = self.batch
-        if type(batch) is not tuple and not isinstance(batch, (tuple, list)):
-            check_batch_structure(None, batch, self.mode)
+        inputs = self.split_batch(self.batch)[0]
         try:
-            self.preds = self.model(batch[0])
+            self.preds = self.call_model(inputs)
         except Exception as exc:  # free when nothing is raised
-            _note_model_failure(exc, batch[0], self.model.training)
+            _note_model_failure(exc, inputs, self.model.training)
             raise
 
     def get_loss(self) -> None:
-        """`self.loss = loss_fn(preds, batch[1])`; a failure gets a note with both shapes."""
+        """`self.loss = loss_fn(preds, targets)`, the targets from `split_batch`; a failure gets a
+        note with both shapes."""
+        targets = self.split_batch(self.batch)[1]
+        if targets is None:
+            check_batch_structure(None, self.batch, self.mode)
         try:
-            self.loss = loss = self.loss_fn(self.preds, self.batch[1])
+            self.loss = loss = self.loss_fn(self.preds, targets)
         except Exception as exc:  # free when nothing is raised: shapes are read only on failure
-            _note_shapes(exc, self.preds, self.batch[1])
+            _note_shapes(exc, self.preds, targets)
             raise
         if type(loss) is not torch.Tensor or loss.ndim != 0:
             _check_loss(loss)
@@ -887,12 +934,13 @@ class Learner:
         return collate_preds(outputs)
 
     def predict_batch(self) -> tuple[torch.Tensor, Any]:
-        """`predict` on `self.batch`; returns `(preds, targets or None)` (both engines' predict step)."""
+        """`predict` on `self.batch`; returns `(preds, targets or None)` (both engines' predict
+        step). A bare tensor batch is the inputs alone."""
         batch = self.batch
-        if not isinstance(batch, (tuple, list)):
+        if not isinstance(batch, (tuple, list, Mapping)):
             batch = self.batch = (batch,)
         self.predict()
-        return self.preds, (batch[1] if len(batch) > 1 else None)
+        return self.preds, self.split_batch(batch)[1]
 
     def infer(self, x: torch.Tensor, single: bool = False) -> torch.Tensor:
         """The model's output for new inputs `x`, in eval mode, without grad, on the model's device.
@@ -901,14 +949,14 @@ class Learner:
             x: a batch of inputs (or one input with `single=True`).
             single: `x` is one sample: add the batch dimension and remove it from the output.
         """
-        x = x.to(model_device(self.model))
+        x = to_device(x, model_device(self.model))
         if single:
-            x = x.unsqueeze(0)
+            x = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                out = self.model(x)
+                out = self.call_model(x)
         finally:
             self.model.train(was_training)
         return out[0] if single else out

@@ -387,10 +387,11 @@ class MetricsS(Subscriber):
         `DistributedSampler`, the repeated samples at the end of this rank's pass are left out
         (the loss of a batch holding some is computed again on the real ones), so the values
         are those of one process over the dataset."""
+        targets = learn.split_batch(learn.batch)[1]
         if self._real is None:
-            self.acc.add(learn.preds, learn.batch[1], learn.loss)
+            self.acc.add(learn.preds, targets, learn.loss)
             return
-        preds, targets = learn.preds, learn.batch[1]
+        preds = learn.preds
         n = targets.shape[0]
         keep = min(max(self._real - self._seen, 0), n)
         self._seen += n
