@@ -1,36 +1,79 @@
 """nntrain: a small, hackable PyTorch training library that runs on its own Learner and on Lightning.
 
-Lightning is imported only by `nntrain.adapters` (the bridge), on first use.
+The names below load on first use (PEP 562), so `import nntrain` costs no torch import and the
+`nntrain` command answers `--help` at once. Lightning is imported only by `nntrain.adapters` (the
+bridge), on first use.
 """
 
-from nntrain.data import DataLoaders, ResumableDataLoader, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
-from nntrain.learner import (
-    EVENTS,
-    CancelBatchException,
-    CancelEpochException,
-    CancelFitException,
-    CancelStepException,
-    Learner,
-    MomentumLearner,
-    Subscriber,
-)
-from nntrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from nntrain.schedules import OneCycle
-from nntrain.subscribers import (
-    CheckpointS,
-    DeviceS,
-    EarlyStoppingS,
-    GradAccumS,
-    GradClipS,
-    LRFindS,
-    MetricsS,
-    MixedPrecisionS,
-    NanGuardS,
-    ProgressS,
-    SaveBestS,
-    SchedulerS,
-    TensorBoardS,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports these
+    from nntrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+    from nntrain.data import DataLoaders, ResumableDataLoader, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
+    from nntrain.learner import (
+        EVENTS,
+        CancelBatchException,
+        CancelEpochException,
+        CancelFitException,
+        CancelStepException,
+        Learner,
+        MomentumLearner,
+        Subscriber,
+    )
+    from nntrain.schedules import OneCycle
+    from nntrain.subscribers import (
+        CheckpointS,
+        DeviceS,
+        EarlyStoppingS,
+        GradAccumS,
+        GradClipS,
+        LRFindS,
+        MetricsS,
+        MixedPrecisionS,
+        NanGuardS,
+        ProgressS,
+        SaveBestS,
+        SchedulerS,
+        TensorBoardS,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "EVENTS": "nntrain.learner",
+    "CancelBatchException": "nntrain.learner",
+    "CancelEpochException": "nntrain.learner",
+    "CancelFitException": "nntrain.learner",
+    "CancelStepException": "nntrain.learner",
+    "CheckpointError": "nntrain.checkpoint",
+    "CheckpointS": "nntrain.subscribers",
+    "DataLoaders": "nntrain.data",
+    "DeviceS": "nntrain.subscribers",
+    "EarlyStoppingS": "nntrain.subscribers",
+    "GradAccumS": "nntrain.subscribers",
+    "GradClipS": "nntrain.subscribers",
+    "LRFindS": "nntrain.subscribers",
+    "Learner": "nntrain.learner",
+    "MetricsS": "nntrain.subscribers",
+    "MixedPrecisionS": "nntrain.subscribers",
+    "MomentumLearner": "nntrain.learner",
+    "NanGuardS": "nntrain.subscribers",
+    "OneCycle": "nntrain.schedules",
+    "ProgressS": "nntrain.subscribers",
+    "ResumableDataLoader": "nntrain.data",
+    "SaveBestS": "nntrain.subscribers",
+    "SchedulerS": "nntrain.subscribers",
+    "Subscriber": "nntrain.learner",
+    "TensorBoardS": "nntrain.subscribers",
+    "digits_dataset_dict": "nntrain.data",
+    "hf_ds_collate_fn": "nntrain.data",
+    "latest_checkpoint": "nntrain.checkpoint",
+    "load_checkpoint": "nntrain.checkpoint",
+    "load_dataset_dict": "nntrain.data",
+    "save_checkpoint": "nntrain.checkpoint",
+}
+"""Each public name and the module that defines it (or, for `nntrain.subscribers`, re-exports it)."""
 
 __all__ = [
     "EVENTS",
@@ -66,3 +109,18 @@ __all__ = [
     "save_checkpoint",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and keep the name here (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nntrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes and the public names not loaded yet."""
+    return sorted({*globals(), *__all__})

@@ -1,23 +1,30 @@
 """`nntrain fit`: train a small MLP on the embedded digits (or a hub dataset), print the epoch table and
 write a TensorBoard run (optionally an LR-finder plot, the loss curves and the training-recipe
-subscribers: one-cycle, mixed precision, clipping, accumulation, early stopping, best weights)."""
+subscribers: one-cycle, mixed precision, clipping, accumulation, early stopping, best weights).
+
+torch and the rest of nntrain are imported inside the functions that train, so `nntrain --help`
+and `nntrain --version` answer without loading them."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["main", "build_parser", "make_model"]
 
@@ -33,6 +40,10 @@ def _number(text: str, kind: type, what: str) -> Any:
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def _int(text: str) -> int:
+    return _number(text, int, "an integer")
 
 
 def _positive_int(text: str) -> int:
@@ -73,7 +84,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `nntrain` command."""
+    """The argument parser of the `nntrain` command (building it imports no torch)."""
     parser = _Parser(prog="nntrain", description="nntrain: train with the Learner or Lightning.")
     parser.add_argument("--version", action="version", version=f"nntrain {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--momentum", type=_momentum, default=0.0,
                      help="> 0 trains with MomentumLearner(mom=MOMENTUM) (default 0: plain SGD)")
     fit.add_argument("--hidden", type=_positive_int, default=50, help="hidden units of the MLP (default 50)")
-    fit.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    fit.add_argument("--seed", type=_int, default=42, help="random seed (default 42)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     fit.add_argument("--dataset", default="digits",
                      help="'digits' (embedded, default) or a Hugging Face dataset name with image+label columns")
@@ -129,6 +140,8 @@ def _check_recipe(args: argparse.Namespace) -> None:
 
 def _recipe_subs(args: argparse.Namespace) -> list[Any]:
     """The subscribers the recipe options ask for (`MixedPrecisionS`, `GradClipS`, ...)."""
+    import torch
+
     from nntrain.subscribers import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SaveBestS
 
     subs: list[Any] = []
@@ -162,10 +175,14 @@ def _report_recipe(subs: Sequence[Any], epochs: int) -> None:
 
 def make_model(n_in: int, n_hidden: int, n_out: int) -> nn.Module:
     """The seed's MLP: Linear, ReLU, Linear."""
+    from torch import nn
+
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -187,7 +204,15 @@ def _quiet_lightning() -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    """Train as `args` say; return the exit code."""
+    """Train as `args` say; return the exit code.
+
+    Raises:
+        ValueError: options that cannot work (a bad device, a dataset that cannot be loaded, ...).
+        OSError: a log directory or file that cannot be written.
+        FitInterrupted: Ctrl-C (or SIGTERM, under `main`) stopped the LR finder or the fit.
+    """
+    import torch
+    import torch.nn.functional as F
     from torcheval.metrics import MulticlassAccuracy
 
     from nntrain.data import DataLoaders, load_dataset_dict
@@ -221,21 +246,26 @@ def run_fit(args: argparse.Namespace) -> int:
         _quiet_lightning()
     print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "
           f"{type(learn).__name__}, engine={args.engine}, device={device}")
-    finder = None
-    if args.lr_find:
-        finder = learn.lr_find(engine=args.engine)
-        print(f"lr finder: suggested lr {finder.suggestion():.2e} (this run uses --lr {args.lr:g})")
     run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     tensorboard = TensorBoardS(args.logdir, run_name)
     # Attached for the training fit only, so the LR finder's search prints no rows and logs nothing.
     recipe = _recipe_subs(args)
     fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else []),
                 *recipe]
-    # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
-    if args.one_cycle:
-        learn.fit_one_cycle(args.epochs, lr_max=args.lr, engine=args.engine, subs=fit_subs)
-    else:
-        learn.fit(args.epochs, engine=args.engine, subs=fit_subs)
+    finder = None
+    try:
+        if args.lr_find:
+            finder = learn.lr_find(engine=args.engine)
+            print(f"lr finder: suggested lr {finder.suggestion():.2e} (this run uses --lr {args.lr:g})")
+        # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
+        if args.one_cycle:
+            learn.fit_one_cycle(args.epochs, lr_max=args.lr, engine=args.engine, subs=fit_subs)
+        else:
+            learn.fit(args.epochs, engine=args.engine, subs=fit_subs)
+    except BaseException as exc:
+        if not _is_interrupt(exc):
+            raise
+        raise FitInterrupted(_stopped_at(learn.epoch, args.epochs, tensorboard, recipe)) from exc
     _report_recipe(recipe, args.epochs)
     run_dir = Path(tensorboard.log_dir)
     if finder is not None:
@@ -244,21 +274,77 @@ def run_fit(args: argparse.Namespace) -> int:
     if progress is not None and args.plot:
         progress.save_plot(run_dir / "losses.png")
         print(f"loss curves: {run_dir / 'losses.png'}")
-    print(f"TensorBoard run: {run_dir}; view it with: tensorboard --logdir {args.logdir}")
+    print(f"TensorBoard run: {run_dir}; view it with: tensorboard --logdir {shlex.quote(args.logdir)}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `nntrain` console command."""
-    args = build_parser().parse_args(argv)
+class FitInterrupted(Exception):
+    """Ctrl-C (or SIGTERM under `main`) stopped `run_fit`'s LR finder or fit after the fit's cleanups
+    ran; the message says how far it got and what it left on disk."""
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` is Ctrl-C, as the native loop raises it or as Lightning ends it: Lightning's Trainer
+    catches the KeyboardInterrupt, runs its teardown and calls `sys.exit(1)` inside that handler."""
+    return isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt))
+
+
+def _stopped_at(epoch: int, epochs: int, tensorboard: Any, recipe: Sequence[Any]) -> str:
+    """'in epoch E (E of N epochs finished); TensorBoard run: DIR; best weights: PATH (epoch B)'."""
+    from nntrain.subscribers import SaveBestS
+
+    if tensorboard.log_dir is None:  # the fit had not started: LR finder, or before its first event
+        return "before training"
+    parts = [f"in epoch {epoch} ({epoch} of {epochs} epochs finished)", f"TensorBoard run: {tensorboard.log_dir}"]
+    parts += [f"best weights: {sub.best_path} (epoch {sub.best_epoch})"
+              for sub in recipe if isinstance(sub, SaveBestS) and sub.best_path is not None]
+    return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[signal.Signals]]:
+    """Within the block SIGTERM stops the fit the way Ctrl-C does (the fit's cleanups run; a checkpoint
+    write in progress finishes first, see `sigint_deferred`) and is recorded in the list yielded, so the
+    exit status can name it. Outside the main thread, where no handler can be set, nothing changes."""
+    received: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum))
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):  # SIGINT ignored: a background job, or Lightning already shutting down
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)  # Python's raises KeyboardInterrupt; sigint_deferred's holds it
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return run_fit(args)
-    except (ValueError, OSError) as exc:
-        print(f"nntrain: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nntrain: interrupted", file=sys.stderr)
-        return 130
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nntrain` console command.
+
+    Returns:
+        The exit status: 0 done, 1 an error (one line on stderr), 130 stopped by Ctrl-C (SIGINT),
+        143 stopped by SIGTERM (128 + the signal's number, as a shell reports a killed command).
+    """
+    args = build_parser().parse_args(argv)
+    with _sigterm_as_ctrl_c() as received:
+        try:
+            return run_fit(args)
+        except (ValueError, OSError) as exc:
+            print(f"nntrain: error: {exc}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, FitInterrupted) as exc:
+            stopped = received[0] if received else signal.SIGINT
+            where = str(exc) if isinstance(exc, FitInterrupted) else "before training"
+            print(f"nntrain: interrupted ({stopped.name}) {where}", file=sys.stderr)
+            return 128 + stopped
 
 
 if __name__ == "__main__":

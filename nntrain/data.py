@@ -27,6 +27,7 @@ __all__ = [
     "DataLoaders",
     "ResumableDataLoader",
     "TensorPairDataset",
+    "TensorDictDataset",
     "pre_batched_collate",
     "hf_ds_collate_fn",
     "digits_dataset_dict",
@@ -59,6 +60,63 @@ class TensorPairDataset(Dataset):
         """The batch at `indices` as `(x[indices], y[indices])`: called by DataLoader's fetcher."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x[idx], self.y[idx]
+
+
+TOKEN_COLUMN_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+"""Columns of tokenized text `from_hf_dd` batches as a mapping when the dataset has no image column."""
+
+
+class TensorDictDataset(Dataset):
+    """Named input tensors (token ids, attention masks) and a target tensor; `__getitems__` serves
+    a whole batch as a mapping `{name: tensor[indices], ..., "labels": y[indices]}` (the Hugging
+    Face convention the learner splits into `model(**inputs)` and targets)."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        lengths = {name: len(t) for name, t in inputs.items()}
+        if any(n != len(y) for n in lengths.values()):
+            raise ValueError(f"every input must have one row per target ({len(y)}), got {lengths}")
+        self.inputs = inputs
+        self.y = y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{name: t[i] for name, t in self.inputs.items()}, "labels": self.y[i]}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch at `indices`, built by indexing each tensor once."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {**{name: t[idx] for name, t in self.inputs.items()}, "labels": self.y[idx]}
+
+
+def _token_tensors(ds: Any, cols: Sequence[str], y_col: str, split: str) -> TensorDictDataset:
+    """The token columns of split `ds` as int64 tensors (rows must be padded to one length)."""
+    table = ds.with_format("arrow")[:]
+    inputs = {}
+    for col in cols:
+        rows = table.column(col).to_pylist()
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise ValueError(f"column {col!r} of split {split!r} has rows of different lengths "
+                             f"{sorted(lengths)[:4]}: tokenize with padding='max_length' (and truncation) first")
+        inputs[col] = torch.tensor(rows, dtype=torch.long)
+    labels = torch.from_numpy(table.column(y_col).to_numpy().astype(np.int64))
+    return TensorDictDataset(inputs, labels)
+
+
+def _label_column(features: Any, y_col: str | None) -> str:
+    """The label column: `y_col`, else the one ClassLabel column, else "label"/"labels"."""
+    import datasets
+
+    if y_col is not None:
+        return y_col
+    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if len(labels) != 1:
+        labels = [c for c in LABEL_COLUMN_NAMES if c in features]
+    if not labels:
+        raise ValueError(f"cannot tell the label column (columns: {', '.join(map(repr, features))}); pass y_col=<name>")
+    return labels[0]
 
 
 class ResumableDataLoader(DataLoader):
@@ -151,7 +209,15 @@ def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True) -
         return _image_to_tensor(value, flatten) if isinstance(value, Image.Image) else torch.tensor(value)
 
     columns = zip(*(row.values() for row in batch))
-    return tuple(torch.stack([to_tensor(v) for v in col]) for col in columns)
+    out = []
+    for i, col in enumerate(columns):
+        values = [to_tensor(v) for v in col]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise ValueError(f"the batch's column {i} holds items of different shapes {sorted(shapes)[:4]}: make the "
+                             f"images one mode and size (convert, resize) before batching")
+        out.append(torch.stack(values))
+    return tuple(out)
 
 
 def _decode_image_column(ds: datasets.Dataset, col: str) -> np.ndarray:
@@ -161,19 +227,27 @@ def _decode_image_column(ds: datasets.Dataset, col: str) -> np.ndarray:
     mode = ds.features[col].mode
     # Reading the Arrow table skips datasets' per-row formatting; `[:]` applies any index mapping.
     cells = ds.with_format("arrow")[:].column(col).to_pylist()
-    arrays = []
+    arrays, modes = [], set()
     for cell in cells:
         img = Image.open(io.BytesIO(cell["bytes"])) if cell["bytes"] is not None else Image.open(cell["path"])
         if mode is not None and img.mode != mode:
             img = img.convert(mode)
+        modes.add(img.mode)
         arrays.append(_image_array(img))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"images in column '{col}' have different shapes {sorted(shapes)[:4]}; resize them to one "
-            f"size first (e.g. with dd.map and PIL's Image.resize)"
-        )
+    _check_same_images(col, modes, {a.shape[:2] for a in arrays})
     return np.stack(arrays)
+
+
+def _check_same_images(col: str, modes: set[str], sizes: set[tuple[int, ...]]) -> None:
+    """Raise a ValueError, with the fix, when the images of a column differ in mode or size."""
+    if len(modes) > 1:
+        raise ValueError(
+            f"images in column '{col}' have different modes {sorted(modes)}; convert them to one mode first "
+            f"(dd.cast_column({col!r}, datasets.Image(mode='RGB')), or 'L' for grayscale)")
+    if len(sizes) > 1:
+        raise ValueError(
+            f"images in column '{col}' have different sizes (height, width) {sorted(sizes)[:4]}; resize them "
+            f"to one size first (e.g. with dd.map and PIL's Image.resize)")
 
 
 def _to_tensors(ds: datasets.Dataset, x_col: str, y_col: str, flatten: bool) -> TensorPairDataset:
@@ -233,6 +307,13 @@ def _find_columns(features: datasets.Features, x_col: str | None, y_col: str | N
     return x_col, y_col
 
 
+def _check_same_shape(train: tuple[int, ...], valid: tuple[int, ...], train_name: str, valid_name: str) -> None:
+    """Raise a ValueError when the train and valid images differ in shape (the model fits one)."""
+    if train != valid:
+        raise ValueError(f"the images of split {train_name!r} have shape {train} but those of {valid_name!r} have "
+                         f"{valid}: make both splits one mode and size (convert, resize)")
+
+
 class DataLoaders:
     """A training loader and a validation loader, as `.train` and `.valid`."""
 
@@ -244,12 +325,27 @@ class DataLoaders:
         return f"DataLoaders(train={len(self.train.dataset)} samples, valid={len(self.valid.dataset)} samples)"
 
     @classmethod
+    def _from_token_columns(cls, dd: Any, batch_size: int, cols: list[str], y_col: str, train_name: str,
+                            valid_name: str, **loader: Any) -> DataLoaders:
+        for name in (train_name, valid_name):
+            missing = [c for c in [*cols, y_col] if c not in dd[name].features]
+            if missing:
+                raise ValueError(f"split {name!r} lacks the columns {missing}")
+            if len(dd[name]) == 0:
+                raise ValueError(f"split {name!r} of the DatasetDict is empty: it needs at least one row")
+        train_ds, valid_ds = (_token_tensors(dd[name], cols, y_col, name) for name in (train_name, valid_name))
+        train = ResumableDataLoader(train_ds, batch_size=batch_size, collate_fn=pre_batched_collate, **loader)
+        valid = DataLoader(valid_ds, batch_size=batch_size, shuffle=False, num_workers=loader["num_workers"],
+                           collate_fn=pre_batched_collate)
+        return cls(train, valid)
+
+    @classmethod
     def from_hf_dd(
         cls,
         dd: datasets.DatasetDict,
         batch_size: int,
         *,
-        x_col: str | None = None,
+        x_col: str | Sequence[str] | None = None,
         y_col: str | None = None,
         flatten: bool = True,
         shuffle: bool = True,
@@ -259,12 +355,17 @@ class DataLoaders:
         generator: torch.Generator | None = None,
         collate: Literal["batched", "per_item"] = "batched",
     ) -> DataLoaders:
-        """Loaders over the image and label columns of `dd`'s train and valid splits.
+        """Loaders over the image and label columns of `dd`'s train and valid splits, or over
+        tokenized text: with no image column and token columns (`input_ids`, `attention_mask`,
+        `token_type_ids`; or `x_col` a list of column names), padded to one length, each batch
+        is a mapping `{"input_ids": ..., "attention_mask": ..., "labels": ...}` (a
+        `TensorDictDataset`; the learner calls `model(input_ids=..., attention_mask=...)`).
 
         Args:
             dd: a `DatasetDict` with a "train" split and a "valid"/"validation"/"test" split.
             batch_size: samples per batch (both loaders).
-            x_col: the image column; default: the one column with a `datasets.Image` feature.
+            x_col: the image column; default: the one column with a `datasets.Image` feature (a
+                list of names: token columns).
             y_col: the label column; default: the one `ClassLabel` column, else "label"/"labels".
             flatten: images become (C*H*W,) vectors instead of (C, H, W).
             shuffle: shuffle the train loader each epoch (`RandomSampler`: `torch.manual_seed`
@@ -284,18 +385,32 @@ class DataLoaders:
         if collate not in ("batched", "per_item"):
             raise ValueError(f"collate must be 'batched' or 'per_item', got {collate!r}")
         train_name, valid_name = _find_splits(dd, valid_split)
-        x_col, y_col = _find_columns(dd[train_name].features, x_col, y_col)
+        features = dd[train_name].features
+        token_cols = list(x_col) if isinstance(x_col, (list, tuple)) else (
+            [c for c in TOKEN_COLUMN_NAMES if c in features]
+            if x_col is None and not any(type(f).__name__ == "Image" for f in features.values()) else [])
+        if token_cols:
+            return cls._from_token_columns(dd, batch_size, token_cols, _label_column(features, y_col), train_name,
+                                           valid_name, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+                                           generator=generator)
+        x_col, y_col = _find_columns(features, x_col, y_col)
         for col in (x_col, y_col):
             if col not in dd[valid_name].features:
                 raise ValueError(f"column {col!r} is in the train split but not in split {valid_name!r}")
+        for name in (train_name, valid_name):
+            if len(dd[name]) == 0:
+                raise ValueError(f"split {name!r} of the DatasetDict is empty: it needs at least one row")
         if collate == "batched":
             train_ds = _to_tensors(dd[train_name], x_col, y_col, flatten)
             valid_ds = _to_tensors(dd[valid_name], x_col, y_col, flatten)
+            _check_same_shape(tuple(train_ds.x.shape[1:]), tuple(valid_ds.x.shape[1:]), train_name, valid_name)
             collate_fn = pre_batched_collate
         else:
             # select_columns also orders the columns, so each row yields (image, label).
             train_ds = dd[train_name].select_columns([x_col, y_col])
             valid_ds = dd[valid_name].select_columns([x_col, y_col])
+            first = [_image_array(ds[0][x_col]).shape for ds in (train_ds, valid_ds)]
+            _check_same_shape(first[0], first[1], train_name, valid_name)
             collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
         train = ResumableDataLoader(train_ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                            drop_last=drop_last, collate_fn=collate_fn, generator=generator)
@@ -345,20 +460,80 @@ def digits_dataset_dict(valid_fraction: float = 0.2, seed: int = 0) -> datasets.
     return datasets.DatasetDict({"train": split(~is_valid), "validation": split(is_valid)})
 
 
+def _hub_unreachable(timeout: float = 1.5) -> str | None:
+    """Why the hub cannot be reached now, or None when it can: a TCP connection to its endpoint
+    (`HF_ENDPOINT`), or to the HTTPS proxy in the way, does not open within `timeout` seconds.
+
+    The connection is tried in a daemon thread, because a name lookup does not honour socket
+    timeouts (an unreachable DNS server can hold it for tens of seconds).
+    """
+    import os
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    hub = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(hub.scheme) or proxies.get("all")
+    via = hub
+    if proxy and not urllib.request.proxy_bypass(hub.hostname or ""):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (via.hostname or "", via.port or (443 if via.scheme == "https" else 80))
+    outcome: list[OSError | None] = []  # the thread's answer: None connected, else the error
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    probe = threading.Thread(target=connect, name="nntrain-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if outcome == [None]:
+        return None
+    why = f"no answer within {timeout:g} s" if not outcome or isinstance(outcome[0], TimeoutError) else outcome[0]
+    return (f"cannot connect to {'the hub' if via is hub else 'the proxy'} {address[0]}:{address[1]} "
+            f"({why}; HF_HUB_OFFLINE=1 loads a cached copy)")
+
+
 def load_dataset_dict(name: str) -> datasets.DatasetDict:
     """The `DatasetDict` called `name`: "digits" is the embedded set, any other name comes from the hub.
+
+    Unless `HF_HUB_OFFLINE` or `HF_DATASETS_OFFLINE` is set (the hub's cache is used) or `name` is a
+    local path, the hub is probed first, so an offline machine fails in about a second instead of
+    after the hub client's retries.
 
     Raises:
         RuntimeError: the hub could not be reached or has no such dataset.
     """
     if name == "digits":
         return digits_dataset_dict()
+    import logging
+    import os
+
+    def failed(reason: str) -> RuntimeError:
+        return RuntimeError(
+            f"could not load dataset {name!r} from the hub: {reason}; use --dataset digits for the embedded data")
+
+    offline = any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
+                  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    reason = None if offline or os.path.exists(name) else _hub_unreachable()
+    if reason is not None:
+        raise failed(reason)
     import datasets
 
+    # For this call only: the hub client's retry and fallback warnings would bury the one-line error.
+    loggers = [logging.getLogger(library) for library in ("datasets", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
     try:
         return datasets.load_dataset(name)
     except OSError as exc:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), timeouts
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(
-            f"could not load dataset {name!r} from the hub: {reason}; use --dataset digits for the embedded data"
-        ) from exc
+        raise failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

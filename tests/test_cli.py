@@ -1,11 +1,19 @@
 """`nntrain fit` on the embedded digits: both engines, the TensorBoard run, the PNGs, the recipe flags,
-bad options."""
+bad options, an unreachable hub, Ctrl-C and SIGTERM, and a `--help` that loads no torch."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import datasets
@@ -14,9 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
-from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SchedulerS
+import nntrain
+from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SchedulerS, data
+from nntrain import cli
 from nntrain.cli import _recipe_subs, build_parser, main, make_model
-from nntrain.learner import Learner
+from nntrain.learner import Learner, Subscriber
 
 matplotlib.use("Agg")
 
@@ -30,7 +40,7 @@ def table_rows(out: str) -> list[str]:
 
 
 def run_dir(out: str) -> Path:
-    match = re.search(r"TensorBoard run: (\S+); view it with: tensorboard --logdir (\S+)", out)
+    match = re.search(r"^TensorBoard run: (.+); view it with: tensorboard --logdir (.+)$", out, re.MULTILINE)
     assert match, out
     return Path(match.group(1))
 
@@ -54,10 +64,11 @@ def assert_one_error_line(capsys_result, needle: str) -> None:
 
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
-    """`nntrain fit --epochs 2 --plot` on each engine: engine -> (exit code, stdout, logdir)."""
+    """`nntrain fit --epochs 2 --plot` on each engine: engine -> (exit code, stdout, logdir); the logdir's
+    name has a space in it."""
     runs = {}
     for engine in ("native", "lightning"):
-        logdir = tmp_path_factory.mktemp(f"cli_{engine}")
+        logdir = tmp_path_factory.mktemp(f"cli {engine}")
         out = io.StringIO()  # capsys is per test; this fixture runs once per module
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             code = main(["fit", "--epochs", "2", "--engine", engine, "--logdir", str(logdir), "--plot"])
@@ -75,7 +86,6 @@ def test_fit_prints_the_table_and_writes_a_run(engine_runs, engine):
     assert directory.parent.parent == logdir and re.fullmatch(rf"{engine}-\d{{8}}-\d{{6}}", directory.parent.name)
     assert directory.name == "version_0"
     assert len(list(directory.glob("events.out.tfevents.*"))) == 1
-    assert f"tensorboard --logdir {logdir}" in out
     assert_png(directory / "losses.png")
 
 
@@ -237,6 +247,7 @@ def test_a_dataset_that_cannot_be_loaded(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
+    monkeypatch.setattr(data, "_hub_unreachable", lambda: None)  # the probe passes, the load fails
     monkeypatch.setattr(datasets, "load_dataset", offline)
     assert main(["fit", "--dataset", "no-such/dataset", "--logdir", str(tmp_path)]) == 1
     assert_one_error_line(capsys.readouterr(), "could not load dataset 'no-such/dataset'")
@@ -267,6 +278,7 @@ def test_plot_needs_the_progress_display(tmp_path, capsys):
     (["fit", "--clip", "-1"], "--clip: must be a finite number > 0, got -1"),
     (["fit", "--clip", "0"], "--clip: must be a finite number > 0, got 0"),
     (["fit", "--early-stop", "0"], "--early-stop: must be a positive integer, got 0"),
+    (["fit", "--seed", "x"], "--seed: must be an integer, got x"),
     (["fit", "--precision", "8"], "--precision: invalid choice: '8' (choose from '32', 'bf16', '16')"),
 ])
 def test_bad_numbers_are_one_line_usage_errors(args, message, capsys):
@@ -282,3 +294,204 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == "nntrain 0.1.0"
+
+
+# ----- an unreachable hub: one line at once, the hub client never called ----------------------------
+
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+
+
+@pytest.fixture
+def online_settings(monkeypatch):
+    """No offline switch, no proxy, the default endpoint: the probe goes to huggingface.co:443."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", *PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def refuse_hub_calls(monkeypatch):
+    def load_dataset(*args, **kwargs):
+        pytest.fail("datasets.load_dataset was called although the hub is unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_an_unreachable_hub_fails_in_one_line_without_calling_it(tmp_path, online_settings, capsys):
+    addresses = []
+
+    def no_network(address, *args, **kwargs):
+        addresses.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    online_settings.setattr("socket.create_connection", no_network)
+    refuse_hub_calls(online_settings)
+    start = time.perf_counter()
+    assert main(["fit", "--dataset", "mnist", "--logdir", str(tmp_path)]) == 1
+    assert time.perf_counter() - start < 3
+    assert addresses == [("huggingface.co", 443)]
+    result = capsys.readouterr()
+    assert_one_error_line(result, "could not load dataset 'mnist' from the hub: cannot connect to the hub "
+                                  "huggingface.co:443 ([Errno 101] Network is unreachable;")
+    assert result.err.rstrip().endswith("use --dataset digits for the embedded data")
+
+
+def test_the_hub_probe_gives_up_after_its_timeout(online_settings):
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(10)
+        raise TimeoutError("timed out")
+
+    online_settings.setattr("socket.create_connection", hang)
+    start = time.perf_counter()
+    try:
+        reason = data._hub_unreachable(timeout=0.2)
+    finally:
+        release.set()
+    assert time.perf_counter() - start < 1
+    assert reason.startswith("cannot connect to the hub huggingface.co:443 (no answer within 0.2 s;")
+
+
+@pytest.mark.parametrize("env, address", [
+    ({}, ("huggingface.co", 443)),
+    ({"HF_ENDPOINT": "http://hub.internal:8080"}, ("hub.internal", 8080)),
+    ({"HTTPS_PROXY": "http://proxy.internal:3128"}, ("proxy.internal", 3128)),
+    ({"HTTPS_PROXY": "proxy.internal:3128", "NO_PROXY": "huggingface.co"}, ("huggingface.co", 443)),
+])
+def test_the_hub_probe_connects_where_the_hub_client_would(online_settings, env, address):
+    tried = []
+    for name, value in env.items():
+        online_settings.setenv(name, value)
+    # io.BytesIO: any object with close() stands for the socket
+    online_settings.setattr("socket.create_connection", lambda where, *a, **k: tried.append(where) or io.BytesIO())
+    assert data._hub_unreachable() is None
+    assert tried == [address]
+
+
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_mode_loads_the_cache_without_probing_and_quietly(online_settings, switch):
+    online_settings.setenv(switch, "1")
+    online_settings.setattr(data, "_hub_unreachable", lambda: pytest.fail("probed the hub in offline mode"))
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    levels_before = [logger.level for logger in loggers]
+    levels_during_the_call = []
+
+    def cached(name):
+        levels_during_the_call.append([logger.getEffectiveLevel() for logger in loggers])
+        return "the cached DatasetDict"
+
+    online_settings.setattr(datasets, "load_dataset", cached)
+    assert data.load_dataset_dict("mnist") == "the cached DatasetDict"
+    assert levels_during_the_call == [[logging.ERROR, logging.ERROR]]
+    assert [logger.level for logger in loggers] == levels_before  # quiet for that call only
+
+
+# ----- Ctrl-C and SIGTERM: 130 and 143, one line on stderr -------------------------------------------
+
+STOPPED = re.compile(r"^nntrain: interrupted \((SIGINT|SIGTERM)\) in epoch (\d+) \(\2 of (\d+) epochs finished\); "
+                     r"TensorBoard run: (.+?)(?:; best weights: (.+) \(epoch \d+\))?$")
+
+
+def test_sigterm_ends_a_fit_with_status_143(tmp_path):
+    best = tmp_path / "best.pt"
+    command = [sys.executable, "-m", "nntrain.cli", "fit", "--epochs", "500", "--hidden", "8", "--no-progress",
+               "--logdir", str(tmp_path / "runs"), "--save-best", str(best)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as fit:
+        try:
+            for line in fit.stdout:
+                if line.startswith("epoch 1 | train"):  # epoch 0 is over: its best weights are on disk
+                    fit.send_signal(signal.SIGTERM)
+                    break
+            out, err = fit.communicate(timeout=60)
+        finally:
+            fit.kill()
+    assert fit.returncode == 143, err
+    assert len(err.splitlines()) == 1, err
+    match = STOPPED.match(err.strip())
+    assert match and match.group(1) == "SIGTERM" and match.group(3) == "500", err
+    assert Path(match.group(4)).is_dir() and Path(match.group(5)) == best and best.is_file()
+    assert "TensorBoard run:" not in out  # the success line is not printed
+
+
+class SignalAfterEpoch(Subscriber):
+    """Sends `signum` to this process once the first epoch's validation pass ends."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.sent = signum, False
+
+    def after_epoch(self, learn) -> None:
+        if not learn.model.training and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("engine, signame, status", [
+    ("lightning", "SIGINT", 130),  # Lightning catches Ctrl-C and calls sys.exit(1)
+    ("lightning", "SIGTERM", 143),  # Lightning's own SIGTERM handler would end with status 0
+    ("native", "SIGINT", 130),
+])
+def test_an_interrupted_fit_says_where_it_stopped(tmp_path, monkeypatch, capsys, engine, signame, status):
+    signum = signal.Signals[signame]
+    recipe_subs = cli._recipe_subs
+    monkeypatch.setattr(cli, "_recipe_subs", lambda args: [*recipe_subs(args), SignalAfterEpoch(signum)])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = main(["fit", "--engine", engine, "--epochs", "50", "--hidden", "8", "--no-progress",
+                 "--logdir", str(tmp_path)])
+    result = capsys.readouterr()
+    assert code == status, result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and STOPPED.match(lines[0]), result.err
+    assert STOPPED.match(lines[0]).group(1) == signame
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+
+
+# ----- the quoted tensorboard command, `--help` without torch, the package's lazy names ------------
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_the_tensorboard_command_is_shell_quoted(engine_runs, engine):
+    _, out, logdir = engine_runs[engine]
+    assert " " in str(logdir)
+    command = out.splitlines()[-1].split("view it with: ")[1]
+    assert command == f"tensorboard --logdir '{logdir}'"
+    assert shlex.split(command) == ["tensorboard", "--logdir", str(logdir)]
+
+
+def test_help_and_version_load_no_torch():
+    code = """if True:
+        import contextlib, io, sys
+        from nntrain.cli import main
+        for argv in (["--version"], ["--help"], ["fit", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                try:
+                    main(argv)
+                except SystemExit as exc:
+                    assert exc.code == 0, (argv, exc.code)
+            assert out.getvalue().strip(), argv
+        print([m for m in ("torch", "numpy", "datasets", "lightning") if m in sys.modules])
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, needle", [(["--help"], "{fit}"), (["fit", "--help"], "--epochs EPOCHS"),
+                                          (["--version"], "nntrain 0.1.0")])
+def test_python_m_nntrain_cli_answers_without_torch(argv, needle):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "nntrain.cli", *argv],
+                          capture_output=True, text=True, check=True)
+    assert needle in done.stdout
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "nntrain" in imported and not {name for name in imported if name.split(".")[0] == "torch"}
+
+
+def test_every_public_name_comes_from_the_package():
+    code = "import sys, nntrain; print(sorted(set(nntrain.__all__) - set(dir(nntrain))), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False"  # listed before any is loaded, and nothing loaded torch
+    assert sorted(nntrain._EXPORTS) == sorted(nntrain.__all__)
+    for name in nntrain.__all__:
+        assert getattr(nntrain, name) is getattr(sys.modules[nntrain._EXPORTS[name]], name), name
+    star: dict = {}
+    exec("from nntrain import *", star)
+    assert set(nntrain.__all__) <= set(star)
+    assert not hasattr(nntrain, "no_such_name")

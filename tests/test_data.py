@@ -88,6 +88,7 @@ def test_load_dataset_dict_calls_the_hub_for_other_names(monkeypatch):
     sentinel = datasets.DatasetDict()
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name: calls.append(name) or sentinel)
+    monkeypatch.setattr("nntrain.data._hub_unreachable", lambda: None)  # as if the hub answered
     assert load_dataset_dict("fashion_mnist") is sentinel
     assert calls == ["fashion_mnist"]
 
@@ -99,6 +100,7 @@ def test_load_dataset_dict_hub_error_is_one_clear_runtime_error(monkeypatch):
         raise cause
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("nntrain.data._hub_unreachable", lambda: None)  # as if the hub answered
     with pytest.raises(RuntimeError) as info:
         load_dataset_dict("fashion_mnist")
     assert str(info.value) == (
@@ -113,6 +115,7 @@ def test_load_dataset_dict_leaves_non_network_errors_alone(monkeypatch):
         raise ValueError("BuilderConfig 'x' not found")
 
     monkeypatch.setattr(datasets, "load_dataset", bad_config)
+    monkeypatch.setattr("nntrain.data._hub_unreachable", lambda: None)  # as if the hub answered
     with pytest.raises(ValueError, match="BuilderConfig"):
         load_dataset_dict("some/dataset")
 
