@@ -43,23 +43,6 @@ def eval_dls(n=61, bs=8):
     return SimpleNamespace(train=DataLoader(tiny_data(16, seed=4), batch_size=bs), valid=valid)
 
 
-def test_ddp_metrics_are_global_and_equal_single_process_with_an_uneven_split(tmp_path):
-    """The padded duplicate is not counted: the values are those of one process over the 61 samples."""
-    single = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
-    Learner(tiny_model(), eval_dls(), F.cross_entropy, subs=[single]).fit(1, train=False)
-    expected = single.history[-1]
-
-    metrics = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
-    learn = Learner(tiny_model(), eval_dls(), F.cross_entropy, subs=[metrics, DumpRows(str(tmp_path), metrics)])
-    retry_on_worker_abort(lambda: learn.fit(1, train=False, **DDP))
-    for rank in (0, 1):
-        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())["rows"]
-        assert [r["mode"] for r in rows] == ["valid"]
-        for key in ("loss", "accuracy", "top_is_right"):
-            assert rows[0][key] == pytest.approx(expected[key], abs=1e-6), (rank, key)
-    assert 0.0 < expected["accuracy"] < 1.0  # a real, non-trivial value
-
-
 def test_ddp_lr_finder_takes_the_same_decision_on_every_rank(tmp_path):
     finder = LRFindS(mult=1.5)
     dls = SimpleNamespace(train=DataLoader(tiny_data(256, seed=5), batch_size=8, shuffle=True),
@@ -71,11 +54,16 @@ def test_ddp_lr_finder_takes_the_same_decision_on_every_rank(tmp_path):
     assert finder.lrs == r0["lrs"] and finder.losses == r0["losses"]  # back in the caller's finder
 
 
-def test_ddp_spawn_brings_back_weights_history_steps_and_optimizer_state():
+def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back(tmp_path):
+    """One launch, two checks. The validation split (61 samples) is uneven over 2 ranks: the padded
+    duplicate is not counted, so every rank's rows equal one process's evaluation of the same
+    weights. And ddp_spawn brings back to the caller what a ddp run leaves on rank 0: weights,
+    history, steps, epoch, the optimizer state."""
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = MetricsS(accuracy=MulticlassAccuracy())
-    learn = Learner(model, eval_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05, subs=[metrics])
+    metrics = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
+    learn = Learner(model, eval_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05,
+                    subs=[metrics, DumpRows(str(tmp_path), metrics)])
     retry_on_worker_abort(lambda: learn.fit(2, **DDP))
     assert learn.model is model
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -84,3 +72,13 @@ def test_ddp_spawn_brings_back_weights_history_steps_and_optimizer_state():
     assert [(r["epoch"], r["mode"]) for r in metrics.history] == [(0, "train"), (0, "valid"), (1, "train"),
                                                                   (1, "valid")]
     assert learn.opt.state_dict()["state"][0]["step"].item() == 2  # Adam's state came back too
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
+    single = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
+    single.output = lambda row: None
+    Learner(model, eval_dls(), F.cross_entropy, subs=[single]).evaluate()  # the returned weights, 61 samples once
+    expected = single.history[-1]
+    for rank, rows in enumerate(ranks):
+        assert rows == metrics.history, rank
+        for key in ("loss", "accuracy", "top_is_right"):
+            assert rows[-1][key] == pytest.approx(expected[key], abs=1e-6), (rank, key)
+    assert 0.0 < expected["accuracy"] < 1.0  # a real, non-trivial value
