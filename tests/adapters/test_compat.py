@@ -58,6 +58,9 @@ def test_trainer_validate_equals_a_native_validation_pass():
     assert results[0] == {"valid/loss": pytest.approx(nm.last["loss"], abs=0),
                           "valid/accuracy": pytest.approx(nm.last["accuracy"], abs=0)}
     assert learn.evaluate() == {"valid/loss": nm.last["loss"], "valid/accuracy": nm.last["accuracy"]}
+    bridged, bm = learner()
+    quiet(bridged.fit, 1, train=False, engine="lightning")  # one training batch loaded, no step
+    assert bm.history == nm.history and bridged.global_step == 0
 
 
 def test_trainer_test_and_learn_evaluate_give_the_same_test_row():
