@@ -41,6 +41,17 @@ LABEL_COLUMN_NAMES: tuple[str, ...] = ("label", "labels")
 """Column names taken as the label column when no single column is a `ClassLabel`."""
 
 
+def _import_datasets() -> Any:
+    """`import datasets`, without tqdm's "IProgress not found" warning in a notebook lacking
+    ipywidgets (datasets imports tqdm.auto; nntrain's own bars need no widgets)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import datasets
+    return datasets
+
+
 class TensorPairDataset(Dataset):
     """Inputs `x` and targets `y` held as two tensors; `__getitems__` serves a whole batch at once."""
 
@@ -107,7 +118,7 @@ def _token_tensors(ds: Any, cols: Sequence[str], y_col: str, split: str) -> Tens
 
 def _label_column(features: Any, y_col: str | None) -> str:
     """The label column: `y_col`, else the one ClassLabel column, else "label"/"labels"."""
-    import datasets
+    datasets = _import_datasets()
 
     if y_col is not None:
         return y_col
@@ -280,7 +291,7 @@ def _find_splits(dd: datasets.DatasetDict, valid_split: str | None) -> tuple[str
 
 def _find_columns(features: datasets.Features, x_col: str | None, y_col: str | None) -> tuple[str, str]:
     """The image and label column names: the given ones, checked, or detected from `features`."""
-    import datasets
+    datasets = _import_datasets()
 
     columns = ", ".join(repr(c) for c in features)
     if x_col is None:
@@ -435,7 +446,7 @@ def digits_dataset_dict(valid_fraction: float = 0.2, seed: int = 0) -> datasets.
     """
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be between 0 and 1 (exclusive), got {valid_fraction!r}")
-    import datasets
+    datasets = _import_datasets()
     from PIL import Image
     from sklearn.datasets import load_digits  # 1 s import, needed only here
 
@@ -523,7 +534,7 @@ def load_dataset_dict(name: str) -> datasets.DatasetDict:
     reason = None if offline or os.path.exists(name) else _hub_unreachable()
     if reason is not None:
         raise failed(reason)
-    import datasets
+    datasets = _import_datasets()
 
     # For this call only: the hub client's retry and fallback warnings would bury the one-line error.
     loggers = [logging.getLogger(library) for library in ("datasets", "huggingface_hub")]

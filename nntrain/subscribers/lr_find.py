@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrai
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "LRFindS", "lr_find"]
+__all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "smooth_centered", "plot_ylim", "LRFindS",
+           "lr_find"]
 
 
 # ----- the algorithm ---------------------------------------------------------------------------
@@ -120,6 +121,41 @@ def suggestion(lrs: Sequence[float], losses: Sequence[float], method: str = "val
     return float(lrs[idx])
 
 
+# ----- plot helpers ------------------------------------------------------------------------------
+
+
+def smooth_centered(losses: Sequence[float], beta: float = 0.6) -> list[float]:
+    """`smooth` run forward, then backward over its result: a smoothed curve that does not lag.
+
+    A one-sided EMA trails the curve by about `beta / (1 - beta)` points (49 at 0.98, about as
+    many as a search records), so its fall and its minimum come late; the backward pass cancels
+    that delay (away from the ends a straight line comes back unchanged), and the debiasing
+    keeps both ends in place (a constant stays put).
+    """
+    return smooth(smooth(losses, beta)[::-1], beta)[::-1]
+
+
+def plot_ylim(losses: Sequence[float], margin: float = 0.05) -> tuple[float, float]:
+    """The y-range of an LR-finder plot: the lowest finite loss to the highest one before it.
+
+    That is the curve's start (its plateau) down to its minimum; the exploded tail after the
+    minimum runs off the top. A curve that never falls shows its whole finite range. `margin`
+    (a fraction of the range) is added on both sides.
+
+    Raises:
+        ValueError: no finite loss.
+    """
+    finite = [float(x) for x in losses if math.isfinite(x)]
+    if not finite:
+        raise ValueError("plot_ylim needs one or more finite losses")
+    low = min(finite)
+    high = max(finite[: finite.index(low) + 1])
+    if high <= low:
+        high = max(finite)
+    pad = margin * (high - low) if high > low else margin * max(abs(low), 1.0)
+    return low - pad, high + pad
+
+
 # ----- the subscriber --------------------------------------------------------------------------
 
 
@@ -182,36 +218,51 @@ class LRFindS(Subscriber):
         """A learning rate picked from the record; see `suggestion`."""
         return suggestion(self.lrs, self.losses, method, beta)
 
-    def plot(self, ax: Axes | None = None, suggest: bool = True, method: str = "valley", beta: float = 0.98) -> Figure:
-        """Plot loss against lr (log scale), raw and smoothed, with the suggestion marked.
+    def plot(self, ax: Axes | None = None, suggest: bool = True, method: str | Sequence[str] = "valley",
+             beta: float = 0.98, smooth_beta: float = 0.6) -> Figure:
+        """Plot loss against lr (log scale), raw and smoothed, with the suggestion(s) marked.
+
+        The y-range runs from the lowest loss to the highest loss before it (the start of the
+        curve), not up to the exploded tail (`plot_ylim`). The smoothed curve is the debiased
+        EMA run forward and backward (`smooth_centered`), so it does not lag behind the raw loss.
 
         Args:
-            ax: axes to draw on; a new figure is made (outside pyplot, so a notebook shows it
-                once) when None.
+            ax: axes to draw on; when None, a `notebook_figure` (shown once in a notebook, saved
+                with nothing clipped).
             suggest: mark the suggested lr (skipped when the record is too short).
-            method: suggestion method, see `SUGGESTIONS`.
-            beta: smoothing weight of the smoothed curve.
+            method: suggestion method(s), see `SUGGESTIONS`; a sequence marks each.
+            beta: smoothing weight the suggestion is picked with (see `suggestion`).
+            smooth_beta: smoothing weight of the drawn curve (0: the raw loss).
 
         Returns:
             The figure drawn on; display it in a notebook or `fig.savefig(path)`.
         """
-        if ax is None:
-            from matplotlib.figure import Figure
-
-            ax = Figure(figsize=(6, 4)).add_subplot()
+        methods = [method] if isinstance(method, str) else list(method)
         pairs = [(lr, loss) for lr, loss in zip(self.lrs, self.losses) if math.isfinite(loss)]
+        prefix = next((i for i, loss in enumerate(self.losses) if not math.isfinite(loss)), len(self.losses))
+        marks = []  # (method, index): in the finite prefix, so it indexes `pairs` too
+        if suggest and prefix >= 2:
+            marks = [(name, _suggest_index(self.lrs, self.losses, name, beta)[0]) for name in methods]
+        if ax is None:
+            from nntrain.subscribers.progress import notebook_figure
+
+            ax = notebook_figure((6, 4)).add_subplot()
+            found = ", ".join(f"{name} {self.lrs[idx]:.2e}" for name, idx in marks)
+            ax.figure.set_label(f"LR finder: {len(self.lrs)} lrs" + (f", {found}" if found else ""))
         if pairs:
             lrs, losses = zip(*pairs)
+            smoothed = smooth_centered(losses, smooth_beta)
             ax.plot(lrs, losses, alpha=0.35, label="loss")
-            ax.plot(lrs, smooth(losses, beta), label="smoothed")
-        if suggest and len(pairs) >= 2:
-            idx, smoothed = _suggest_index(self.lrs, self.losses, method, beta)
-            ax.plot(self.lrs[idx], smoothed[idx], "o", color="C3", label=f"{method}: {self.lrs[idx]:.2e}")
+            ax.plot(lrs, smoothed, label="smoothed")
+            for k, (name, idx) in enumerate(marks):
+                color = f"C{3 + k}"
+                ax.axvline(lrs[idx], color=color, linestyle=":", linewidth=1)
+                ax.plot(lrs[idx], smoothed[idx], "o", color=color, label=f"{name}: {lrs[idx]:.2e}", zorder=3)
+            ax.set_ylim(*plot_ylim(losses))
+            ax.legend(loc="best")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        if pairs:
-            ax.legend(loc="best")
         return ax.figure
 
     def state_dict(self) -> dict[str, Any]:

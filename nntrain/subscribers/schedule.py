@@ -80,12 +80,21 @@ class SchedulerS(Subscriber):
         self.moms.append(_momentum(group))
 
     def plot(self, ax: Any = None) -> Any:
-        """Plot the lr (and the momentum, on a second axis, when there is one) against the step;
-        returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        """Plot the lr (and the momentum, on a second axis, when there is one) against the step.
 
+        Args:
+            ax: axes to draw on; when None, a `notebook_figure` (shown once in a notebook without
+                `%matplotlib`, saved with nothing clipped).
+
+        Returns:
+            The matplotlib Figure drawn on.
+        """
         if ax is None:
-            _, ax = plt.subplots(figsize=(6, 3.5))
+            from nntrain.subscribers.progress import notebook_figure
+
+            ax = notebook_figure((6, 3.5)).add_subplot()
+            peak = f", peak lr {max(self.lrs):.3g}" if self.lrs else ""
+            ax.figure.set_label(f"lr schedule: {max(len(self.lrs) - 1, 0)} {self.interval} steps{peak}")
         ax.plot(range(len(self.lrs)), self.lrs, color="tab:blue", label="lr")
         ax.set_xlabel("optimizer step" if self.interval == "batch" else "epoch")
         ax.set_ylabel("learning rate", color="tab:blue")
@@ -93,7 +102,6 @@ class SchedulerS(Subscriber):
             twin = ax.twinx()
             twin.plot(range(len(self.moms)), self.moms, color="tab:orange", label="momentum")
             twin.set_ylabel("momentum", color="tab:orange")
-        ax.figure.tight_layout()
         return ax.figure
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from types import SimpleNamespace
 
@@ -16,7 +17,8 @@ from matplotlib.figure import Figure
 
 import nntrain.subscribers.lr_find as lr_find_module
 from nntrain.learner import Learner, MomentumLearner
-from nntrain.subscribers.lr_find import LRFindS, _mean_over_ranks, smooth, steepest, suggestion, valley
+from nntrain.subscribers.lr_find import (LRFindS, _mean_over_ranks, plot_ylim, smooth, smooth_centered, steepest,
+                                        suggestion, valley)
 from tests.helpers import Recorder, tiny_dls, tiny_model
 
 
@@ -148,14 +150,58 @@ def test_state_dict_round_trip():
     assert (other.lrs, other.losses, other.best) == (LRS, CURVE, 1.0)
 
 
-def test_plot_returns_a_figure_that_saves_as_png(tmp_path):
+# ----- the plot ----------------------------------------------------------------------------------
+
+
+def test_smooth_centered_is_the_debiased_ema_forward_then_backward():
+    # forward (beta 0.5): 1, 1.25 / 0.75 = 5/3, 2.125 / 0.875 = 17/7; backward over that, reversed
+    assert smooth_centered([1.0, 2.0, 3.0], beta=0.5) == pytest.approx([205 / 147, 121 / 63, 17 / 7])
+    assert smooth_centered([2.0] * 6) == pytest.approx([2.0] * 6)  # debiased: a constant stays put
+    assert smooth_centered(CURVE, beta=0.0) == CURVE
+
+
+def test_smooth_centered_does_not_lag():
+    ramp = [float(i) for i in range(41)]
+    assert smooth(ramp, beta=0.6)[20] == pytest.approx(20 - 0.6 / 0.4, abs=1e-3)  # one-sided: 1.5 points late
+    assert smooth_centered(ramp, beta=0.6)[20] == pytest.approx(20.0, abs=1e-3)
+    v = [abs(i - 20) + 1.0 for i in range(41)]
+    argmin = lambda xs: min(range(len(xs)), key=xs.__getitem__)  # noqa: E731
+    assert argmin(smooth(v)) == 27  # fastai's beta 0.98, one-sided: the minimum comes 7 points late
+    assert argmin(smooth_centered(v)) == 20
+
+
+def test_plot_ylim_runs_from_the_minimum_to_the_start_not_the_exploded_tail():
+    # lowest 1.0 at index 7, highest before it 5.0 (the start); the tail's 9.0 is left out; 5% margins
+    assert plot_ylim(CURVE) == pytest.approx((0.8, 5.2))
+    assert plot_ylim(CURVE[:8] + [math.nan, math.inf]) == pytest.approx((0.8, 5.2))
+    assert plot_ylim([2.0, 2.5, 3.0, 4.0]) == pytest.approx((1.9, 4.1))  # never falls: the whole range
+    assert plot_ylim([2.0]) == pytest.approx((1.9, 2.1))
+    with pytest.raises(ValueError, match="finite"):
+        plot_ylim([math.nan])
+
+
+def test_plot_shows_once_as_png_limits_y_and_marks_the_suggestions(tmp_path):
     finder = make_learner().lr_find(start_lr=1e-4, max_lr=10.0)
-    fig = finder.plot()
+    fig = finder.plot(method=("valley", "steepest"))
     assert isinstance(fig, Figure)
+    bundle = fig._repr_mimebundle_()  # what a notebook shows: one PNG, and a text line where it cannot
+    assert set(bundle) == {"image/png", "text/plain"} and base64.b64decode(bundle["image/png"])[:4] == b"\x89PNG"
+    valley_lr, steep_lr = finder.suggestion(), finder.suggestion("steepest")
+    assert bundle["text/plain"] == (f"<LR finder: {len(finder.lrs)} lrs, valley {valley_lr:.2e}, "
+                                    f"steepest {steep_lr:.2e}>")
+    ax = fig.axes[0]
+    finite = [x for x in finder.losses if math.isfinite(x)]
+    assert ax.get_ylim() == pytest.approx(plot_ylim(finite)) and ax.get_ylim()[1] < max(finite)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "loss", "smoothed", f"valley: {valley_lr:.2e}", f"steepest: {steep_lr:.2e}"]
     path = tmp_path / "lr_find.png"
-    fig.savefig(path)
+    fig.savefig(path)  # a plain savefig: the tight layout keeps the axis labels inside
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    inside = fig.bbox.padded(1)
+    for label in (ax.xaxis.label, ax.yaxis.label):
+        box = label.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
     ax = Figure().add_subplot()
     assert finder.plot(ax=ax, suggest=False) is ax.figure
     assert finder.suggestion("steepest") in finder.lrs

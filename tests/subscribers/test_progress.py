@@ -1,6 +1,11 @@
-"""ProgressS: the epoch table, bars closed on every path, no per-batch loss reads, the loss plot."""
+"""ProgressS: the display it picks (text, terminal, notebook), the epoch table, bars closed on every
+path, no per-batch loss reads, the loss plot."""
 
 from __future__ import annotations
+
+import io
+import sys
+from types import ModuleType, SimpleNamespace
 
 import matplotlib
 
@@ -32,19 +37,26 @@ class CancelAt(Subscriber):
             raise self.exc
 
 
+class TTY(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
 def make_learner(subs=()):
     return Learner(tiny_model(), tiny_dls(shuffle=False), F.cross_entropy, torch.optim.SGD, 0.1, subs)
 
 
 @pytest.fixture
 def bars(monkeypatch):
-    """Every bar ProgressS opens, each recording whether it was closed."""
+    """Every tqdm bar ProgressS opens, each recording whether it was closed."""
     opened = []
 
     class RecordingBar(progress_module.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.was_closed = False
+            self.position, self.was_closed = kwargs.get("position"), False
             opened.append(self)
 
         def close(self):
@@ -55,49 +67,87 @@ def bars(monkeypatch):
     return opened
 
 
+def as_terminal(monkeypatch):
+    """Replace stdout and stderr by streams that say they are terminals; returns them. Called in
+    the test body: pytest sets its own capture streams again between a fixture and the test."""
+    out, err = TTY(), TTY()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    return out, err
+
+
 def test_order_is_after_metrics():
     assert ProgressS.order > MetricsS.order
 
 
-def test_prints_the_metrics_table_once_aligned(capsys, bars):
+def test_auto_picks_text_terminal_or_notebook(monkeypatch, capsys):
+    assert progress_module._pick_display("auto") == "text"  # capsys: not a tty
+    monkeypatch.setattr(sys, "stdout", TTY())
+    assert progress_module._pick_display("auto") == "text"  # stderr is still captured
+    monkeypatch.setattr(sys, "stderr", TTY())
+    assert progress_module._pick_display("auto") == "terminal"
+    fake_ipython = ModuleType("IPython")
+    fake_ipython.get_ipython = lambda: SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+    assert progress_module._pick_display("auto") == "notebook"
+    assert progress_module._pick_display("text") == "text"
+    with pytest.raises(ValueError, match="display must be one of"):
+        ProgressS(display="widgets")
+
+
+def test_without_a_terminal_prints_only_the_rows_and_a_final_line(capsys, bars):
     metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS()
     make_learner([metrics, progress]).fit(2)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5  # header + 2 epochs x (train, valid)
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and err == "" and bars == []  # no progress frames at all
+    lines = out.splitlines()
+    assert len(lines) == 6  # header + 2 epochs x (train, valid) + the final line
     assert lines[0].split() == ["epoch", "mode", "loss", "accuracy"]
-    assert [line.split()[:2] for line in lines[1:]] == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
-    assert len({len(line) for line in lines}) == 1  # aligned columns
-    assert all(len(line.split()[2].split(".")[1]) == 4 for line in lines[1:])  # 4 decimals
+    assert [line.split()[:2] for line in lines[1:5]] == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
+    assert len({len(line) for line in lines[:5]}) == 1  # aligned columns
+    assert all(len(line.split()[2].split(".")[1]) == 4 for line in lines[1:5])  # 4 decimals
+    assert lines[5].startswith("2/2 epochs in 00:")
     assert [(r["epoch"], r["mode"]) for r in progress.rows] == [(0, "train"), (0, "valid"), (1, "train"), (1, "valid")]
     assert metrics.sink is None  # given back after the fit
-    assert [bar.total for bar in bars] == [N_TRAIN_BATCHES, N_VALID_BATCHES] * 2
-    assert all(bar.was_closed for bar in bars)
-    assert bars[0].desc.startswith("epoch 1/2 train") and bars[3].desc.startswith("epoch 2/2 valid")
 
 
-def test_works_without_metrics(capsys, bars):
+def test_a_terminal_shows_an_epochs_bar_over_batch_bars_numbered_like_the_table(monkeypatch, bars):
+    out, err = as_terminal(monkeypatch)
+    make_learner([MetricsS(accuracy=batch_accuracy), ProgressS(refresh_every=0.0)]).fit(2)
+    epochs, *passes = bars
+    assert (epochs.desc, epochs.total, epochs.position) == ("epochs", 2, 0)
+    assert [bar.desc for bar in passes] == ["epoch 0 train", "epoch 0 valid", "epoch 1 train", "epoch 1 valid"]
+    assert [bar.total for bar in passes] == [N_TRAIN_BATCHES, N_VALID_BATCHES] * 2
+    assert all(bar.was_closed for bar in bars) and all(bar.position == 1 for bar in passes)
+    assert "\r" in err.getvalue() and "loss=" in err.getvalue()  # frames, on the terminal only
+    rows = [line.split()[:2] for line in out.getvalue().splitlines()[1:5]]
+    assert rows == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
+    assert out.getvalue().splitlines()[-1].startswith("2/2 epochs in ")
+
+
+def test_works_without_metrics(capsys):
     progress = ProgressS(plot=True)
     make_learner([progress]).fit(1)
-    assert capsys.readouterr().out == "" and progress.rows == []
-    assert len(bars) == 2 and all(bar.was_closed for bar in bars)
+    assert capsys.readouterr().out.startswith("1/1 epochs in ") and progress.rows == []
     assert len(progress.valid_losses) == 1  # the mean of the detached valid losses
 
 
 @pytest.mark.parametrize("exc", [CancelFitException(), RuntimeError("boom")], ids=["cancel", "error"])
-def test_bars_closed_and_sink_restored_after_a_cancel_or_error(bars, exc):
-    metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS()
+def test_bars_closed_and_sink_restored_after_a_cancel_or_error(bars, capsys, exc):
+    metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS(display="terminal")
     learn = make_learner([metrics, progress, CancelAt(2, exc)])
     if isinstance(exc, RuntimeError):
         with pytest.raises(RuntimeError, match="boom"):
             learn.fit(2)
     else:
         learn.fit(2)
-    assert len(bars) == 1 and bars[0].was_closed and bars[0].n == 3
-    assert progress._bar is None and metrics.sink is None
+    assert len(bars) == 2 and all(bar.was_closed for bar in bars) and bars[1].n == 3
+    assert progress._bar is None and progress._view is None and metrics.sink is None
+    assert capsys.readouterr().out.splitlines()[-1].startswith("0/2 epochs in ")
 
 
 @pytest.mark.parametrize("plot", [False, True])
-def test_reads_the_loss_only_when_a_refresh_is_due(monkeypatch, plot):
+def test_reads_the_loss_only_when_a_refresh_is_due(monkeypatch, capsys, plot):
     learn = make_learner([MetricsS(accuracy=batch_accuracy)])
     reads = []
 
@@ -115,10 +165,49 @@ def test_reads_the_loss_only_when_a_refresh_is_due(monkeypatch, plot):
     for name in ("item", "__float__", "tolist", "__format__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
 
-    learn.fit(2, subs=[ProgressS(plot=plot, refresh_every=1e9)])
+    learn.fit(2, subs=[ProgressS(plot=plot, refresh_every=1e9, display="terminal")])
+    learn.fit(1, subs=[ProgressS(plot=plot, refresh_every=0.0, display="text")])  # no bar: nothing to show
     assert reads == []
-    learn.fit(1, subs=[ProgressS(plot=plot, refresh_every=0.0)])  # the counter does see reads
+    learn.fit(1, subs=[ProgressS(plot=plot, refresh_every=0.0, display="terminal")])  # the counter does see reads
     assert reads.count("__float__") == N_TRAIN_BATCHES + N_VALID_BATCHES
+
+
+class FakeHandle:
+    """An IPython DisplayHandle that keeps what it was shown, and counts its updates."""
+
+    def __init__(self, bundle):
+        self.bundle, self.updates = bundle, 0
+
+    def update(self, bundle, raw=False):
+        assert raw
+        self.bundle, self.updates = bundle, self.updates + 1
+
+
+def test_notebook_shows_bars_table_and_plot_each_updated_in_place(monkeypatch, capsys):
+    display = pytest.importorskip("IPython.display")
+    handles = []
+
+    def fake_display(bundle, raw=False, display_id=False):
+        assert raw and display_id
+        handles.append(FakeHandle(bundle))
+        return handles[-1]
+
+    monkeypatch.setattr(display, "display", fake_display)
+    progress = ProgressS(plot=True, refresh_every=0.0, display="notebook")
+    make_learner([MetricsS(accuracy=batch_accuracy), progress]).fit(2)
+    assert capsys.readouterr() == ("", "")  # nothing printed: all of it is in the three outputs
+    bars, table, plot = handles
+    assert all(h.updates > 1 for h in handles)
+    assert bars.bundle["text/html"].count("<progress") == 2  # the epochs bar over the batch bar
+    epochs_text, pass_text = bars.bundle["text/plain"].splitlines()  # the fallback shows the final state
+    assert epochs_text.startswith("epochs: 100%") and "2/2" in epochs_text
+    assert pass_text.startswith("epoch 1 valid: 100%") and "loss=" in pass_text
+    header, *rows = table.bundle["text/plain"].splitlines()
+    assert header.split() == ["epoch", "train_loss", "valid_loss", "train_accuracy", "valid_accuracy", "time"]
+    assert [row.split()[0] for row in rows] == ["0", "1"]  # one row per epoch
+    assert rows[1].split()[2] == f"{progress.valid_losses[1]:.4f}" and rows[1].split()[-1].startswith("00:")
+    assert table.bundle["text/html"].count("<tr>") == 2 and "<th>time</th>" in table.bundle["text/html"]
+    assert set(plot.bundle) == {"image/png", "text/plain"} and plot.bundle["text/plain"].startswith("<loss curves")
 
 
 def test_plot_data_has_one_point_per_train_batch_and_per_epoch(tmp_path):
@@ -135,6 +224,12 @@ def test_plot_data_has_one_point_per_train_batch_and_per_epoch(tmp_path):
     progress.save_plot(path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    fig = progress.plot_losses()
+    fig.draw_without_rendering()  # runs the layout, as a savefig or a notebook display does
+    inside = fig.bbox.padded(1)  # tight layout: the axis labels are inside the figure, none clipped
+    for label in (fig.axes[0].xaxis.label, fig.axes[0].yaxis.label):
+        box = label.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
 
 
 def test_no_plot_keeps_no_losses():
@@ -153,17 +248,20 @@ def test_plot_data_on_the_lightning_engine():
     assert progress.valid_steps == [N_TRAIN_BATCHES, 2 * N_TRAIN_BATCHES] and len(progress.rows) == 4
 
 
-def test_only_rank_zero_prints(capsys):
+@pytest.mark.parametrize("display", ["auto", "terminal", "notebook"])
+def test_only_rank_zero_shows_anything(capsys, monkeypatch, display):
     """Under DDP every rank runs the subscribers; a non-zero rank shows no bar, table or plot."""
     from nntrain.learner import NativeEngine
 
     class RankOne(NativeEngine):
         rank = 1
 
-    metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS()
+    monkeypatch.setattr(progress_module, "_NotebookView", None)  # would fail if it were made
+    metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS(plot=True, display=display)
     learn = make_learner([metrics, progress])
     learn.engine = RankOne()
     learn.fit(1)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     assert [(r["epoch"], r["mode"]) for r in progress.rows] == [(0, "train"), (0, "valid")]  # kept, not shown
+    assert len(progress.valid_losses) == 1
