@@ -48,12 +48,14 @@ class GradScaling:
         backward(self.scaler.scale(loss) if self.owned else loss)
         inv = self.scaler._scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
         with torch.no_grad():
+            new = [p.grad for p in params if p.grad is not None]
+            if new:
+                torch._foreach_mul_(new, inv)  # one kernel per device and dtype, as optimizers use
+            both = [(p.grad, old) for p, old in zip(params, kept) if p.grad is not None and old is not None]
+            if both:
+                torch._foreach_add_([g for g, _ in both], [old for _, old in both])
             for p, old in zip(params, kept):
-                if p.grad is not None:
-                    p.grad.mul_(inv)
-                    if old is not None:
-                        p.grad.add_(old)
-                elif old is not None:
+                if p.grad is None and old is not None:
                     p.grad = old.clone()
         self._params, self._kept = params, kept
 
@@ -64,10 +66,10 @@ class GradScaling:
         the device: one host sync, besides the scaler's own inf check."""
         scaler = self.scaler
         before = scaler._scale.clone()
-        with torch.no_grad():
-            for p in self._params:
-                if p.grad is not None:
-                    p.grad.mul_(scaler._scale)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            with torch.no_grad():
+                torch._foreach_mul_(grads, scaler._scale)
         if self.owned:
             scaler.step(opt)
             scaler.update()
