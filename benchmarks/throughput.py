@@ -1,6 +1,7 @@
 """Training throughput: raw PyTorch vs the native Learner vs plain Lightning vs the bridge.
 
     python -m benchmarks.throughput [--quick] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.throughput --recipes [--quick] [--repeats N]   # the recipes instead (~1.5 min on 2 CPU cores)
 
 Three workloads on synthetic batches made once on the device (so the loader costs nothing and
 every loop iterates the same tensors): the seed MLP, a small CNN with BatchNorm, and a tiny
@@ -9,6 +10,14 @@ excluded: raw PyTorch around its `for` loop, the Learner from `before_epoch` to 
 (a last-ordered subscriber), Lightning from `on_train_epoch_start` to `on_train_epoch_end` (a
 callback; Trainer construction, `setup`, optimizer set-up and validation are outside). After a
 warm-up epoch per loop, the loops run in interleaved, rotating order, and medians are reported.
+
+`--recipes` times, instead, the native Learner on the tiny workload alone and with each recipe
+subscriber (schedules, mixed precision, clipping, accumulation, early stopping, best-model saving;
+`RECIPES`) in the same interleaved way, and reports each recipe's median paired difference in
+µs per training batch and its time ratio over its baseline (the bare Learner, or the Learner with
+`MetricsS` for the recipes that monitor a logged value). Timed there: the training pass and a short
+validation pass (per-epoch work such as `SaveBestS`'s file write is inside), per training batch.
+It writes `throughput_recipes.{jsonl,md,png}`.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import copy
 import gc
 import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +43,7 @@ from torcheval.metrics import MulticlassAccuracy
 import nntrain.adapters
 from benchmarks.common import (base_parser, clock, env_info, markdown_table, median, report, setup_device, since,
                                spread, sync, target_line)
+from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, OneCycle, SaveBestS, SchedulerS
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS
 
@@ -66,6 +78,28 @@ WORKLOADS = {
     "tiny": (tiny_linear, (784,), 64, 500, 51),
 }
 QUICK_STEPS = 3
+VALID_BATCHES = 4  # the recipes' validation pass: short, but it ends the epoch that EarlyStoppingS/SaveBestS judge
+
+FP16_SYNC = ("on CUDA syncs with the host every applied step: GradScaler.step reads found_inf (.item()), then "
+             "GradScaling.step reads bool(scale < before)")
+# recipe: (baseline it is paired with, its subscribers made from (optimizer steps per fit, a scratch folder), note)
+RECIPES: dict[str, tuple[str | None, Callable[[int, Path], list[Subscriber]], str]] = {
+    "learner": (None, lambda steps, tmp: [], "baseline"),
+    "learner+metrics": ("learner", lambda steps, tmp: [metrics_s()], "baseline of the monitoring recipes"),
+    "SchedulerS(StepLR)": ("learner", lambda steps, tmp: [
+        SchedulerS(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100, 0.5))], ""),
+    "SchedulerS(OneCycle)": ("learner", lambda steps, tmp: [
+        SchedulerS(lambda opt: OneCycle(opt, steps, lr_max=0.1))], ""),
+    "MixedPrecisionS(bf16)": ("learner", lambda steps, tmp: [MixedPrecisionS(torch.bfloat16)], ""),
+    "MixedPrecisionS(fp16)": ("learner", lambda steps, tmp: [MixedPrecisionS(torch.float16)], FP16_SYNC),
+    "GradClipS(1.0)": ("learner", lambda steps, tmp: [GradClipS(1.0)], ""),
+    "GradAccumS(2)": ("learner", lambda steps, tmp: [GradAccumS(2)], "one optimizer step per 2 batches"),
+    "EarlyStoppingS+metrics": ("learner+metrics", lambda steps, tmp: [
+        EarlyStoppingS(monitor="valid/loss"), metrics_s()], ""),
+    "SaveBestS+metrics": ("learner+metrics", lambda steps, tmp: [
+        SaveBestS(tmp / "best.pt", monitor="valid/loss", mode="min"), metrics_s()],
+        "writes best.pt after each epoch whose valid/loss improves (every epoch here)"),
+}
 
 
 class Batches:
@@ -97,6 +131,31 @@ class EpochTimer(Subscriber):
     def after_epoch(self, learn) -> None:
         sync(self.device)
         self.times.append(since(self.t0))
+
+
+class RecipeTimer(Subscriber):
+    """Times each epoch of a Learner from the training pass's `before_epoch` to the validation
+    pass's `after_epoch` (ordered last: the other subscribers' per-epoch work is inside) and counts
+    the optimizer steps of the training pass."""
+
+    order = 10_000
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.opt_steps = device, [], []
+
+    def before_epoch(self, learn) -> None:
+        if learn.mode == "train":
+            gc.collect()
+            sync(self.device)
+            self.step0 = learn.global_step
+            self.t0 = clock()
+
+    def after_epoch(self, learn) -> None:
+        if learn.mode == "train":
+            self.opt_steps.append(learn.global_step - self.step0)
+        else:
+            sync(self.device)
+            self.times.append(since(self.t0))
 
 
 class LightningEpochTimer(L.Callback):
@@ -224,27 +283,40 @@ def paired(a: list[float], b: list[float]) -> float:
     return median([x - y for x, y in zip(a, b)])
 
 
-def run_workload(wname: str, make_model: Callable[[], nn.Module], shape: tuple[int, ...], bs: int, steps: int,
-                 repeats: int, device: torch.device) -> list[dict]:
-    """Time every loop on one workload; one result row per loop."""
+def make_batches(shape: tuple[int, ...], bs: int, steps: int, device: torch.device) -> Batches:
+    """`steps` batches cycling through `min(steps, N_DISTINCT)` distinct random ones, made on `device`."""
     g = torch.Generator().manual_seed(SEED)
     distinct = [(torch.randn(bs, *shape, generator=g).to(device), torch.randint(0, 10, (bs,), generator=g).to(device))
                 for _ in range(min(steps, N_DISTINCT))]
-    batches = Batches([distinct[i % len(distinct)] for i in range(steps)])
-    torch.manual_seed(SEED)
-    runners = make_runners(make_model().to(device), batches, device)
+    return Batches([distinct[i % len(distinct)] for i in range(steps)])
 
-    for run in runners.values():  # warm-up: one epoch each
+
+def interleaved(runners: dict[str, Callable[[], tuple[float, float]]], repeats: int
+                ) -> dict[str, list[tuple[float, float]]]:
+    """One warm-up call of each runner, then `repeats` rounds calling each once in rotating order
+    (so none always runs after the same one); the (wall, CPU) seconds of the rounds, by name."""
+    names = tuple(runners)
+    for run in runners.values():
         run()
     gc.collect()
     gc.freeze()  # the timers' gc.collect() then skips the long-lived objects (torch, Lightning): 200 ms -> ~1 ms
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in LOOPS}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     try:
-        for r in range(repeats):  # rotate the order so no loop always runs after the same one
-            for name in LOOPS[r % len(LOOPS):] + LOOPS[:r % len(LOOPS)]:
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(runners[name]())
     finally:
         gc.unfreeze()
+    return times
+
+
+def run_workload(wname: str, make_model: Callable[[], nn.Module], shape: tuple[int, ...], bs: int, steps: int,
+                 repeats: int, device: torch.device) -> list[dict]:
+    """Time every loop on one workload; one result row per loop."""
+    batches = make_batches(shape, bs, steps, device)
+    torch.manual_seed(SEED)
+    runners = make_runners(make_model().to(device), batches, device)
+    times = interleaved(runners, repeats)
 
     us = {name: [wall / steps * 1e6 for wall, _ in ts] for name, ts in times.items()}
     cpu = {name: [c / steps * 1e6 for _, c in ts] for name, ts in times.items()}
@@ -309,13 +381,90 @@ def run_fast_path(steps: int, repeats: int, device: torch.device) -> list[dict]:
     return rows
 
 
+def run_recipes(steps: int, repeats: int, device: torch.device) -> list[dict]:
+    """The native Learner on the tiny workload alone and with each of `RECIPES`, interleaved; one
+    row per recipe with its paired difference and time ratio over its baseline, per training batch."""
+    make_model, shape, bs, _, _ = WORKLOADS["tiny"]
+    batches = make_batches(shape, bs, steps, device)
+    dls = SimpleNamespace(train=batches, valid=Batches(batches.batches[:VALID_BATCHES]))
+    torch.manual_seed(SEED)
+    model = make_model().to(device)
+    runners, timers = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (_, make_subs, _) in RECIPES.items():
+            timer = timers[name] = RecipeTimer(device)
+            learn = Learner(copy.deepcopy(model), dls, F.cross_entropy, torch.optim.SGD, LR,
+                            subs=[*make_subs(steps, Path(tmp)), timer])
+
+            def run(learn: Learner = learn, timer: RecipeTimer = timer) -> tuple[float, float]:
+                learn.fit(1, lr=LR)  # lr: every fit's schedule starts from LR (StepLR's decay would compound)
+                return timer.times[-1]
+
+            runners[name] = run
+        times = interleaved(runners, repeats)
+
+    us = {name: [wall / steps * 1e6 for wall, _ in ts] for name, ts in times.items()}
+    cpu = {name: [c / steps * 1e6 for _, c in ts] for name, ts in times.items()}
+    rows = []
+    for name, (base, _, note) in RECIPES.items():
+        m, base = median(us[name]), base or name
+        opt_steps = timers[name].opt_steps[-1]
+        row = dict(workload="tiny", loop=name, baseline=base, batch_size=bs, steps=steps, opt_steps=opt_steps,
+                   repeats=repeats, us_per_step=m, us_per_step_iqr=spread(us[name]),
+                   us_per_opt_step=median([wall / opt_steps * 1e6 for wall, _ in times[name]]),
+                   overhead_us_per_step=paired(us[name], us[base]),
+                   time_ratio=median([x / y for x, y in zip(us[name], us[base])]),
+                   cpu_us_per_step=median(cpu[name]), cpu_overhead_us_per_step=paired(cpu[name], cpu[base]),
+                   note=note)
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def report_recipes(args: Any, device: torch.device, env: dict[str, Any]) -> list[dict]:
+    """Run the recipes comparison (`--recipes`); print and write its results. Returns the rows."""
+    steps, repeats = (QUICK_STEPS, 1) if args.quick else WORKLOADS["tiny"][3:]
+    rows = run_recipes(steps, args.repeats or repeats, device)
+    where = f"{device.type.upper()} tiny"
+    targets = [target_line(f"{where}: {r['loop']} over {r['baseline']}", "(reported)",
+                           f"{r['overhead_us_per_step']:+.1f} us/step (CPU time {r['cpu_overhead_us_per_step']:+.1f}), "
+                           f"{r['time_ratio']:.3f}x", None) for r in rows if r["loop"] != r["baseline"]]
+    headers = ["recipe", "vs", "batches", "opt steps", "repeats", "µs/batch", "IQR µs", "µs/opt step",
+               "Δ µs/batch", "time ÷ baseline", "Δ CPU µs/batch", "note"]
+    table = markdown_table(headers, [[r["loop"], "" if r["loop"] == r["baseline"] else r["baseline"], r["steps"],
+                                      r["opt_steps"], r["repeats"], r["us_per_step"], r["us_per_step_iqr"],
+                                      r["us_per_opt_step"], r["overhead_us_per_step"], r["time_ratio"],
+                                      r["cpu_overhead_us_per_step"], r["note"]] for r in rows])
+    notes = [f"The native Learner on the tiny workload (Linear 784->10, batch {WORKLOADS['tiny'][2]}), one fit of one "
+             f"epoch per repeat: {steps} training batches and a {min(VALID_BATCHES, steps)}-batch validation pass, "
+             "timed from the training pass's before_epoch to the validation pass's after_epoch, per training batch. "
+             "One warm-up fit per recipe, then interleaved repeats (rotating order); medians.",
+             "Δ µs/batch = median over repeats of (recipe - baseline) µs/batch in the same repeat; time ÷ baseline = "
+             "median of the per-repeat ratios recipe / baseline (time, not throughput). A batch is one optimizer step "
+             "except under GradAccumS(2) (and a step the fp16 scaler skips); µs/opt step divides by the steps applied.",
+             f"MixedPrecisionS(fp16): {FP16_SYNC}; the other recipes add no per-step host sync (GradClipS's "
+             "clip_grad_norm_ stays on the device; MetricsS reads its values once per epoch)."]
+    report(args, "throughput_recipes", rows, env, table, notes, targets, chart=dict(
+        panels={f"tiny (batch {WORKLOADS['tiny'][2]}): recipes": {r["loop"]: r["us_per_step"] for r in rows}},
+        xlabel="µs/batch (lower is better)",
+        title=f"nntrain recipes, {env['device_name']}, {env['date'][:10]}"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; print and write the results. Returns the rows."""
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--recipes", action="store_true",
+                        help="instead of the loops, time the native Learner on the tiny workload alone and with each "
+                             "recipe subscriber (RECIPES), side by side; writes throughput_recipes.* (about 1.5 min on "
+                             "2 CPU cores; with --quick, seconds)")
+    args = parser.parse_args(argv)
     device = setup_device(args.device, args.threads)
     env = env_info(device)
     print(f"device {env['device_name']} ({device.type}), torch {env['torch']}, lightning {env['lightning']}, "
           f"torch.set_num_threads({env['threads']}), interleaved repeats, medians reported", flush=True)
+    if args.recipes:
+        return report_recipes(args, device, env)
 
     rows = []
     with quiet_lightning():
