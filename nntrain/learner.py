@@ -627,8 +627,11 @@ class Learner:
 
     def call_model(self, inputs: Any) -> Any:
         """`model(inputs)`, or `model(**inputs)` for a mapping; a Hugging Face output's `logits`."""
-        out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
-        if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+        if isinstance(inputs, torch.Tensor):  # the common case first: a cheap check per batch
+            out = self.model(inputs)
+        else:
+            out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+        if type(out) is not torch.Tensor and hasattr(out, "logits"):
             return out.logits
         return out
 
