@@ -392,19 +392,24 @@ STOPPED = re.compile(r"^nntrain: interrupted \((SIGINT|SIGTERM)\) in epoch (\d+)
                      r"TensorBoard run: (.+?)(?:; best weights: (.+) \(epoch \d+\))?$")
 
 
-def test_sigterm_ends_a_fit_with_status_143(tmp_path):
+def test_sigterm_ends_a_fit_with_status_143_and_a_pipe_gets_no_progress_frames(tmp_path):
     best = tmp_path / "best.pt"
-    command = [sys.executable, "-m", "nntrain.cli", "fit", "--epochs", "500", "--hidden", "8", "--no-progress",
+    # with its default progress display: into a pipe that is the rows only, no progress frames
+    command = [sys.executable, "-m", "nntrain.cli", "fit", "--epochs", "500", "--hidden", "8",
                "--logdir", str(tmp_path / "runs"), "--save-best", str(best)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as fit:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as fit:  # bytes: \r kept
+        read = []
         try:
             for line in fit.stdout:
-                if line.startswith("epoch 1 | train"):  # epoch 0 is over: its best weights are on disk
+                read.append(line)
+                if line.split()[:2] == [b"1", b"train"]:  # the table's row: epoch 0 is over, its best weights saved
                     fit.send_signal(signal.SIGTERM)
                     break
-            out, err = fit.communicate(timeout=60)
+            out_bytes, err_bytes = fit.communicate(timeout=60)
         finally:
             fit.kill()
+    assert b"\r" not in b"".join(read) + out_bytes + err_bytes
+    out, err = out_bytes.decode(), err_bytes.decode()
     assert fit.returncode == 143, err
     assert len(err.splitlines()) == 1, err
     match = STOPPED.match(err.strip())
