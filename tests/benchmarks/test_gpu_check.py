@@ -22,9 +22,8 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_quick_cpu_run_writes_env_summary_and_every_stages_output(tmp_path, capsys):
-    rc = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
+def test_quick_cpu_run_writes_env_summary_and_every_stages_output(quick_gpu_check):
+    tmp_path, rc, printed = quick_gpu_check.out, quick_gpu_check.rc, quick_gpu_check.printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     assert list(stages) == STAGES

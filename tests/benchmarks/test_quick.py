@@ -48,16 +48,15 @@ def check_outputs(out: Path, name: str, expected: set[tuple[str, str]], numbers:
     return rows
 
 
-def test_throughput_quick(tmp_path, capsys):
-    rows = throughput.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+def test_throughput_quick(quick_gpu_check):
+    """`throughput --quick`, as the GPU check's dry run ran it (see conftest.py)."""
     expected = {(w, loop) for w in throughput.WORKLOADS for loop in throughput.LOOPS}
-    written = check_outputs(tmp_path, "throughput", expected,
+    written = check_outputs(quick_gpu_check.out, "throughput", expected,
                             ["samples_per_s", "us_per_step", "ratio_to_raw", "batch_size", "steps"])
-    assert len(rows) == len(written)
     for row in written:
         assert row["us_per_step"] == pytest.approx(row["batch_size"] / row["samples_per_s"] * 1e6)
         assert isinstance(row["overhead_us_per_step"], float)
-    printed = capsys.readouterr().out
+    printed = (quick_gpu_check.out / "throughput.log").read_text()  # the stage's own output
     assert "CPU tiny: learner+metrics over raw: <= +10 us/step / " in printed
     assert "CPU tiny: bridge over plain Lightning: <= +30 us/step / " in printed
 
@@ -83,9 +82,9 @@ def test_throughput_recipes_quick(tmp_path, capsys):
     assert "GradScaler.step reads found_inf" in by["MixedPrecisionS(fp16)"]["note"]
 
 
-def test_data_quick(tmp_path, capsys):
-    data.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
-    rows = check_outputs(tmp_path, "data", {(f"digits{data.SAMPLES_QUICK // 1000}k", loop) for loop in data.LOOPS},
+def test_data_quick(quick_gpu_check):
+    """`data --quick`, as the GPU check's dry run ran it (see conftest.py)."""
+    rows = check_outputs(quick_gpu_check.out, "data", {(f"digits{data.SAMPLES_QUICK // 1000}k", loop) for loop in data.LOOPS},
                          ["samples_per_s", "us_per_batch", "ratio_to_per_item", "setup_s", "samples"])
     assert next(r for r in rows if r["loop"] == "per_item")["ratio_to_per_item"] == 1.0
-    assert "batched vs per_item samples/s: >= 50x / " in capsys.readouterr().out
+    assert "batched vs per_item samples/s: >= 50x / " in (quick_gpu_check.out / "data.log").read_text()
