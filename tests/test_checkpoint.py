@@ -232,13 +232,18 @@ def test_ctrl_c_closes_bars_flushes_tensorboard_and_saves_then_propagates(tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_inside_a_batch_finishes_the_batch_saves_it_exactly(tmp_path, ref):
-    learn, _ = make(CheckpointS(tmp_path), CtrlC((1, 2), "after_loss"))
+def fit_until_ctrl_c_without_a_warning(learn) -> None:
+    """Fit (seed 123) until the interrupt ends it; any warning is an error."""
     torch.manual_seed(123)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(KeyboardInterrupt):
             learn.fit(EPOCHS)
+
+
+def test_ctrl_c_inside_a_batch_finishes_the_batch_saves_it_exactly(tmp_path, ref):
+    learn, _ = make(CheckpointS(tmp_path), CtrlC((1, 2), "after_loss"))
+    fit_until_ctrl_c_without_a_warning(learn)
     assert list_checkpoints(tmp_path)[-1].name == "ckpt-s0000000009-e000001-b0000002.pt"
     assert_same(*resume(tmp_path), ref)
 
@@ -265,11 +270,7 @@ def test_ctrl_c_in_validation_saves_the_last_training_batch(tmp_path, ref):
 
 def test_ctrl_c_right_after_a_save_keeps_that_checkpoint_silently(tmp_path, ref):
     learn, _ = make(CheckpointS(tmp_path, every_batches=1), InterruptInValidation())
-    torch.manual_seed(123)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(KeyboardInterrupt):
-            learn.fit(EPOCHS)
+    fit_until_ctrl_c_without_a_warning(learn)
     assert list_checkpoints(tmp_path)[-1].name == "ckpt-s0000000012-e000001-b0000005.pt"
     assert_same(*resume(tmp_path, every_batches=1), ref)
 
