@@ -18,16 +18,8 @@ from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
-from nntrain.learner import (
-    Learner,
-    Subscriber,
-    _empty_valid,
-    announce_resume,
-    collate_preds,
-    model_device,
-    set_lr,
-    subscriber_engines,
-)
+from nntrain.checks import _empty_valid, announce_resume
+from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
 
 __all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
            "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]

@@ -8,19 +8,32 @@ training, `before_backward`, `after_backward`, `before_step` and `after_step`.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from nntrain.checkpoint import CheckpointError, ResumePlan, resumed_batches
+from nntrain.checks import (
+    TARGET_KEYS,
+    _check_loss,
+    _describe,
+    _empty_valid,
+    _note_model_failure,
+    _note_shapes,
+    announce_resume,
+    check_batch_structure,
+    check_fit_args,
+    check_lr,
+    loader_length,
+    split_batch,
+)
 from nntrain.devices import to_device
+from nntrain.engines import Engine, NativeEngine
 from nntrain.registry import ENGINES, TOOLS, resolve
 
 __all__ = [
@@ -140,12 +153,6 @@ def check_subscribers(subs: Any, where: str = "subs") -> list[Any]:
     return subs
 
 
-def check_lr(lr: Any, where: str = "lr") -> None:
-    """Raise a ValueError unless `lr` is a finite number >= 0."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{where} must be a finite number >= 0, got {lr!r}")
-
-
 def event_handlers(subs: Iterable[Subscriber]) -> dict[str, tuple[Callable[[Any], None], ...]]:
     """Map each event to the bound handlers of `subs`, sorted by `order` (stable).
 
@@ -181,82 +188,6 @@ def _warn_masked(exc: BaseException, handler: Callable[[Any], None], event: str)
     sub = getattr(handler, "__self__", handler)
     warnings.warn(f"{type(sub).__name__}.{event} failed while an earlier error was unwinding the fit (that error "
                   f"is raised): {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    if isinstance(x, (tuple, list)):
-        return f"a {type(x).__name__} of length {len(x)}"
-    return f"a {type(x).__name__}"
-
-
-def _check_loss(loss: Any) -> None:
-    """Raise a TypeError unless `loss` is a 0-dim tensor (the step backpropagates it)."""
-    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
-        return
-    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
-    hint = " (reduce it: reduction='mean')" if isinstance(loss, torch.Tensor) else " (compute it with torch ops)"
-    raise TypeError(f"loss_fn must return a 0-dim tensor (one number that backward can differentiate), "
-                    f"it returned {what}{hint}")
-
-
-def _note_model_failure(exc: BaseException, inputs: Any, training: bool) -> None:
-    """Attach the input's shape and dtype (and, for a BatchNorm batch of one, the fix) to a
-    failure of the model's forward pass."""
-    if not hasattr(exc, "add_note"):
-        return
-    desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, torch.Tensor) else \
-        _describe(inputs)
-    exc.add_note(f"model(inputs) failed: inputs {desc}")
-    if training and isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == 1 and \
-            "more than 1 value per channel" in str(exc):
-        exc.add_note("the training batch has 1 sample (the epoch's last, smaller batch?): BatchNorm cannot train "
-                     "on it; drop it with drop_last=True on the training loader")
-
-
-def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
-    """Attach the shapes of predictions and targets to a failure of the loss function."""
-    shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else type(t).__name__  # noqa: E731
-    if hasattr(exc, "add_note"):
-        exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
-
-
-TARGET_KEYS: tuple[str, ...] = ("labels", "label")
-"""Keys of a mapping batch that hold the targets (Hugging Face's convention), tried in order."""
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """`(inputs, targets)` of a batch: a tuple's or list's first two items (targets None for a
-    1-tuple); for a mapping, the targets under `"labels"` (or `"label"`) and the other entries
-    as the inputs (the model's keyword arguments), targets None without such a key.
-
-    Raises:
-        TypeError: the batch is neither (a bare tensor would make `batch[0]` its first sample).
-    """
-    if type(batch) is tuple or isinstance(batch, (tuple, list)):
-        if len(batch) >= 2:
-            return batch[0], batch[1]
-        if len(batch) == 1:
-            return batch[0], None
-    elif isinstance(batch, Mapping):
-        key = next((k for k in TARGET_KEYS if k in batch), None)
-        return {k: v for k, v in batch.items() if k != key}, (None if key is None else batch[key])
-    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping "
-                    f"with the targets under 'labels'; got {_describe(batch)}")
-
-
-def check_batch_structure(exc: Exception | None, batch: Any, mode: str) -> None:
-    """Raise a TypeError naming the expected `(inputs, targets)` when a batch is not one
-    (`mode`: the pass, "train", "valid" or "test"; `exc`: the failure it caused, if any)."""
-    if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2) or \
-            (isinstance(batch, Mapping) and any(k in batch for k in TARGET_KEYS)):
-        return
-    mode = {"train": "training", "valid": "validation"}.get(mode, mode)
-    mapping = f" (a mapping needs its targets under {' or '.join(repr(k) for k in TARGET_KEYS)}; its keys: " \
-              f"{sorted(map(str, batch))})" if isinstance(batch, Mapping) else ""
-    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping with "
-                    f"'labels'; the {mode} loader yielded {_describe(batch)}{mapping}") from exc
 
 
 _SCOPE_OF: dict[type[CancelException], str] = {
@@ -393,127 +324,6 @@ class Dispatcher:
             scope = self.open.pop()
             self._publish_cleanup(scope, failed=True)
         self.cancelled = None
-
-
-def check_fit_args(lr: Any, resume: Any) -> None:
-    """Raise for a `fit` argument of the wrong kind, before anything runs.
-
-    Raises:
-        ValueError: `lr` not a finite number >= 0.
-        TypeError: `resume` not a path, a directory or "last" (`True`, "").
-    """
-    if lr is not None:
-        check_lr(lr)
-    if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))
-                               or str(resume) == ""):
-        raise TypeError(f'resume must be a checkpoint file, a directory or "last", got {resume!r}')
-
-
-def announce_resume(plan: Any, rank: int) -> None:
-    """Say on stderr (rank 0) where a fit continues from."""
-    if plan is not None and rank == 0:
-        print(f"nntrain: resuming from {plan.describe()}", file=sys.stderr)
-
-
-def _empty_valid(dl: Any) -> bool:
-    """Whether the validation loader is known to be empty (then warn: no validation pass, as
-    Lightning skips an empty loader)."""
-    if loader_length(dl) != 0:
-        return False
-    warnings.warn("the validation loader is empty (len(dls.valid) == 0): the fit runs no validation pass",
-                  RuntimeWarning, stacklevel=3)
-    return True
-
-
-class Engine(Protocol):
-    """What the loop and subscribers get from the engine running a fit (`learn.engine`).
-
-    The native loop is `NativeEngine`; the Lightning bridge has `LightningEngine`. Subscribers
-    ask the engine, never its name: `rank`, `backward`, `step`, `log_metrics` (a row's values
-    by name, e.g. `valid/loss`) and `logged` (the latest of them), `save_checkpoint`,
-    `tensorboard_logger`, and what the engine does itself (`precision`: a reduced precision it
-    runs, e.g. "16-mixed", or None; `saves_on_interrupt`, `resumes_after_last_batch`,
-    `runs_compiled_steps`).
-    """
-
-    name: str
-    rank: int
-    precision: str | None
-    logged: dict[str, float]
-    saves_on_interrupt: bool
-    resumes_after_last_batch: bool
-    runs_compiled_steps: bool
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate `loss`."""
-
-    def step(self, opt: Any) -> None:
-        """Take the optimizer step."""
-
-    def on_cancel(self, scope: str) -> None:
-        """A cancel of `scope` was recorded."""
-
-    def log_metrics(self, values: dict[str, float]) -> None:
-        """Record an epoch's values by name (`train/loss`, `valid/accuracy`)."""
-
-    def save_checkpoint(self, stem: Any, learner_state: dict[str, Any], learn: Any) -> Any:
-        """Write a checkpoint at `stem` plus the engine's suffix; return its path."""
-
-    def tensorboard_logger(self) -> Any:
-        """A logger a TensorBoard subscriber should write through, or None."""
-
-
-class NativeEngine:
-    """The learner's own loop: plain autograd, cancels unwind the Python stack."""
-
-    name = "native"
-    precision = None
-    saves_on_interrupt = True
-    resumes_after_last_batch = True
-    runs_compiled_steps = True
-
-    def __init__(self) -> None:
-        self.logged: dict[str, float] = {}  # the last values logged by name (`learn.evaluate` returns them)
-
-    @property
-    def rank(self) -> int:
-        """This process's rank in `torch.distributed` (0 when it is not initialised)."""
-        dist = torch.distributed
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Call `loss.backward()`."""
-        loss.backward()
-
-    def step(self, opt: Any) -> None:
-        """Call `opt.step()`."""
-        opt.step()
-
-    def on_cancel(self, scope: str) -> None:
-        """Nothing to do: the exception unwinds the loop."""
-
-    def log_metrics(self, values: dict[str, float]) -> None:
-        """Keep the values in `logged`."""
-        self.logged.update(values)
-
-    def save_checkpoint(self, stem: Any, learner_state: dict[str, Any], learn: Any) -> Any:
-        """A native checkpoint `<stem>.pt`: model and optimizer state plus `learner_state`."""
-        from nntrain.checkpoint import native_checkpoint, save_checkpoint
-
-        return save_checkpoint(native_checkpoint(learn, learner_state), f"{stem}.pt")
-
-    def tensorboard_logger(self) -> Any:
-        """None: a TensorBoard subscriber opens its own writer."""
-        return None
-
-
-def loader_length(dl: Any) -> int | None:
-    """The number of batches `dl` yields, or None when it cannot say (a `DataLoader` over an
-    `IterableDataset` without `__len__`, a generator)."""
-    try:
-        return len(dl)
-    except TypeError:
-        return None
 
 
 def get_lr(opt: Any) -> float:
