@@ -108,3 +108,15 @@ def test_ragged_token_rows_ask_for_padding():
                                "test": datasets.Dataset.from_dict({"input_ids": [[1, 2]], "label": [0]})})
     with pytest.raises(ValueError, match="different lengths .*padding='max_length'"):
         DataLoaders.from_hf_dd(dd, 2)
+
+
+def test_device_placement_takes_mapping_batches():
+    from nntrain import DeviceS
+
+    def run(*subs):
+        torch.manual_seed(0)
+        learn = Learner(TinyTextClassifier(), DataLoaders.from_hf_dd(text_dd(), 16), F.cross_entropy,
+                        torch.optim.SGD, lr=0.1, subs=list(subs))
+        learn.fit(2, valid=False)
+        return [p.detach().clone() for p in learn.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(run(), run(DeviceS("cpu"))))
