@@ -1,7 +1,7 @@
 """Training throughput: raw PyTorch vs the native Learner vs plain Lightning vs the bridge.
 
     python -m benchmarks.throughput [--quick] [--device cpu|cuda] [--out DIR]
-    python -m benchmarks.throughput --recipes [--quick] [--repeats N]   # the recipes instead (~1.5 min on 2 CPU cores)
+    python -m benchmarks.throughput --recipes [--quick] [--repeats N]   # the recipes instead (~2 min on 2 CPU cores)
 
 Three workloads on synthetic batches made once on the device (so the loader costs nothing and
 every loop iterates the same tensors): the seed MLP, a small CNN with BatchNorm, and a tiny
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--recipes", action="store_true",
                         help="instead of the loops, time the native Learner on the tiny workload alone and with each "
-                             "recipe subscriber (RECIPES), side by side; writes throughput_recipes.* (about 1.5 min on "
+                             "recipe subscriber (RECIPES), side by side; writes throughput_recipes.* (about 2 min on "
                              "2 CPU cores; with --quick, seconds)")
     args = parser.parse_args(argv)
     device = setup_device(args.device, args.threads)
