@@ -429,6 +429,8 @@ class Learner:
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         """`(inputs, targets)` of `batch` (see `nntrain.learner.split_batch`: tuples, lists and
         Hugging Face-style mappings); override it for other batch structures."""
+        if type(batch) is tuple and len(batch) >= 2:  # the common case, without a call (per batch, twice)
+            return batch[0], batch[1]
         try:
             return split_batch(batch)
         except TypeError as exc:
