@@ -294,6 +294,13 @@ def test_early_stopping_stops_after_the_same_epoch_as_lightnings_early_stopping(
     assert lightning_es.stopped_epoch == es.stopped_epoch
 
 
+def test_early_stopping_s_stops_both_engines_after_the_same_epoch_with_the_same_trace():
+    native, light = assert_engines_agree(maker(lambda: EarlyStoppingS("valid/loss", patience=1), lr=2.0), epochs=8)
+    stops = [next(s for s in run.learn.subs if isinstance(s, EarlyStoppingS)).stopped_epoch for run in (native, light)]
+    assert stops[0] == stops[1] is not None and stops[0] < 7
+    assert native.trace.events[-1][0] == "cleanup_fit" and "after_fit" not in [e for e, *_ in native.trace.events]
+
+
 def test_early_stopping_and_save_best_refuse_a_value_nobody_logs_before_training(tmp_path):
     for sub, match in [(EarlyStoppingS("valid/acc"), "valid/acc.*logged: .*valid/accuracy"),
                        (SaveBestS(tmp_path / "b.pt", monitor="valid/loss"), "no subscriber logs"),
