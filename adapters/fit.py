@@ -20,6 +20,7 @@ from nntrain.adapters.module import LearnerModule
 from nntrain.checkpoint import ResumePlan
 from nntrain.checks import _empty_valid, announce_resume
 from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
+from nntrain.logs import quiet_loggers
 
 __all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
            "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -257,12 +258,5 @@ def _lightning_info(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
+    with quiet_loggers(("lightning.pytorch", "lightning.fabric"), logging.WARNING):
         yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -45,6 +45,7 @@ from benchmarks.common import (base_parser, clock, env_info, markdown_table, med
                                spread, sync, target_line)
 from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, OneCycle, SaveBestS, SchedulerS
 from nntrain.learner import Learner, Subscriber
+from nntrain.logs import quiet_loggers
 from nntrain.subscribers.metrics import MetricsS
 
 SEED = 0
@@ -264,18 +265,11 @@ def make_runners(model: nn.Module, batches: Batches, device: torch.device
 @contextlib.contextmanager
 def quiet_lightning():
     """Silence Lightning's per-Trainer banners and the warnings that do not apply here, then restore."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_loggers(("lightning.pytorch", "lightning.fabric", "lightning"),
+                                                  logging.ERROR):
         warnings.filterwarnings("ignore", module=r"lightning\..*")
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|smaller than the logging interval).*")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+        yield
 
 
 def paired(a: list[float], b: list[float]) -> float:

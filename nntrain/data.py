@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nntrain.checkpoint import rng_state, set_rng_state
+from nntrain.logs import quiet_loggers
 
 if TYPE_CHECKING:  # datasets and PIL are imported where they are used: `import nntrain` stays fast
     import datasets
@@ -537,14 +538,8 @@ def load_dataset_dict(name: str) -> datasets.DatasetDict:
     datasets = _import_datasets()
 
     # For this call only: the hub client's retry and fallback warnings would bury the one-line error.
-    loggers = [logging.getLogger(library) for library in ("datasets", "huggingface_hub")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
     try:
-        return datasets.load_dataset(name)
+        with quiet_loggers(("datasets", "huggingface_hub"), logging.ERROR):
+            return datasets.load_dataset(name)
     except OSError as exc:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), timeouts
         raise failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
