@@ -186,9 +186,12 @@ class LearnerCallback(L.Callback):
         learn.engine = LightningEngine(module, trainer)
         learn.dispatch.set_subs([*self.subs, *module.recipe_subs])
         learn.dispatch.propagate = False
+        learn.dispatch.agree = learn.engine.agree_cancel if trainer.world_size > 1 else None
         learn.dispatch.reset()
         self._reopen, self._skip = False, 0
         fitting = stage == "fit"
+        if fitting and trainer.world_size > 1:
+            module.agree_on_resume()
         plan = learn.resume_plan
         offset = plan.epoch_offset if (fitting and plan is not None) else 0
         module.epoch_offset = offset
@@ -225,9 +228,11 @@ class LearnerCallback(L.Callback):
         self.module.taken_flags = {}
         if stage == "fit" and self.module.results_path is not None and trainer.is_global_zero:
             save_results(learn, self.module.results_path)  # a spawned rank 0: for the caller's learner
+        learn.engine.close()
         learn.engine = NativeEngine()
         learn.dispatch.set_subs(learn.subs)
         learn.dispatch.propagate = True
+        learn.dispatch.agree = None
         learn.dispatch.reset()
         learn.resume_plan = None
         if stage != "fit":

@@ -84,7 +84,7 @@ def give_back_trainer_recipes(trainer: L.Trainer, taken: dict[str, Any]) -> None
 class LightningEngine:
     """The engine of a learner under Lightning: backward through `manual_backward`, the step
     through Lightning's optimizer wrapper (precision plugins and strategies apply), cancels as
-    `trainer.should_stop`, epoch values through `LightningModule.log` and the Trainer's loggers,
+    `trainer.should_stop` (agreed between DDP ranks, `agree_cancel`), epoch values through `LightningModule.log` and the Trainer's loggers,
     checkpoints through `trainer.save_checkpoint`.
 
     With a gradient scaler (`16-mixed`), the learner's `grad_scaling` is a
@@ -107,6 +107,7 @@ class LightningEngine:
         self.claimed: list[Any] = []  # loggers a subscriber writes through itself
         self.logged: dict[str, float] = {}  # the last values logged by name, as given (EarlyStoppingS reads them)
         self.logs_steps = bool(trainer.loggers) or trainer.progress_bar_callback is not None
+        self._cancel_group: Any = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate through Lightning (precision scaling, strategy hooks)."""
@@ -120,6 +121,25 @@ class LightningEngine:
         """A cancelled fit stops the Trainer."""
         if scope == "fit":
             self.trainer.should_stop = True
+
+    def agree_cancel(self, code: int) -> int:
+        """The widest cancel code any rank raised at this point: a MAX all-reduce of one integer
+        on a gloo group, so a GPU run waits for no device work."""
+        import torch.distributed as dist
+
+        if self._cancel_group is None:  # made at the first agreement, which every rank reaches together
+            self._cancel_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([code], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cancel_group)
+        return int(flag[0])
+
+    def close(self) -> None:
+        """Free what the engine made for this fit (the cancel group)."""
+        import torch.distributed as dist
+
+        group, self._cancel_group = self._cancel_group, None
+        if group is not None and group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
 
     def log_metrics(self, values: dict[str, float]) -> None:
         """`LightningModule.log` for `callback_metrics` (EarlyStopping, ModelCheckpoint, the

@@ -17,7 +17,7 @@ from torch import nn
 from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
-from nntrain.checkpoint import ResumePlan
+from nntrain.checkpoint import CheckpointError, ResumePlan
 from nntrain.checks import _empty_valid, announce_resume
 from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
 from nntrain.logs import quiet_loggers
@@ -150,7 +150,7 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
         learn.prepare_fit(epochs, lr)
         module, callbacks = to_lightning(learn, subs=(), train=train)
         module.fit_lr = lr
-        plan = ResumePlan.restore(learn, resume, train, lightning_ok=True) if resume is not None else None
+        plan, module.resume_view = _restore(learn, resume, train)
         if plan is not None and lr is not None:
             set_lr(learn.opt, lr)  # a native checkpoint's optimizer state carried its lr: this fit's wins
         announce_resume(plan, int(os.environ.get("RANK", "0")))
@@ -183,6 +183,23 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     finally:
         learn.resume_plan = None
         learn.remove_subs(subs)
+
+
+def _restore(learn: Learner, resume: Any, train: bool) -> tuple[ResumePlan | None, tuple[Any, str] | None]:
+    """The resume plan for `resume`, and what it is for comparing with the other DDP ranks (see
+    `LearnerModule.agree_on_resume`). In a process of a multi-process launch (torchrun, or a rank
+    `strategy="ddp"` started) a checkpoint this process cannot read fails there, on every rank."""
+    if resume is None:
+        return None, None
+    try:
+        plan = ResumePlan.restore(learn, resume, train, lightning_ok=True)
+    except (CheckpointError, OSError) as exc:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        return None, (("failed", str(exc)), f"cannot resume {resume!r}: {type(exc).__name__}: {exc}")
+    if plan is None:
+        return None, (("none",), f"no checkpoint found for resume={resume!r}")
+    return plan, (plan.key(), plan.describe())
 
 
 def _eval_trainer(learn: Learner, subs: Sequence[Subscriber], trainer_kwargs: dict[str, Any]

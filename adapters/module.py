@@ -16,7 +16,8 @@ import torch
 from nntrain.checkpoint import CHECKPOINT_ENTRY, ResumePlan, learner_state, rng_state
 from nntrain.learner import Learner, check_batch_structure, get_lr, set_lr
 
-__all__ = ["LearnerModule", "ForeignOptimizer", "CHECKPOINT_KEY", "loader_cannot_resume"]
+__all__ = ["LearnerModule", "ForeignOptimizer", "CHECKPOINT_KEY", "loader_cannot_resume", "shards_parameters",
+           "optimizer_over"]
 
 CHECKPOINT_KEY = CHECKPOINT_ENTRY
 """The entry `LearnerModule` adds to Lightning checkpoints: the learner state (`LEARNER_KEYS`)."""
@@ -30,6 +31,38 @@ def loader_cannot_resume(what: str, pos: dict[str, Any], loader: Any, note: str 
         "nntrain.data.ResumableDataLoader (DataLoaders.from_hf_dd does), or resume from a checkpoint "
         "taken at an epoch's end"
     )
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether `strategy` wraps the model's parameters into shards (`FSDPStrategy`,
+    `ModelParallelStrategy`): the optimizer must then be made over the wrapped module's parameters."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def optimizer_over(opt: Any, params: Any) -> torch.optim.Optimizer:
+    """A new optimizer of `opt`'s class and hyper-parameters over `params` (a sharded module's).
+
+    Raises:
+        ValueError: `opt` is not a `torch.optim.Optimizer`, has several parameter groups, or holds
+            state (a previous fit's or a native checkpoint's), which sharded parameters cannot take.
+    """
+    what = "under a strategy that shards the parameters (FSDP), the optimizer is made again over them"
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ValueError(f"{what}, which a hand-written optimizer ({type(opt).__name__}) cannot be: pass a "
+                         "torch.optim optimizer class as optim_class, or use strategy='ddp'")
+    if len(opt.param_groups) != 1:
+        raise ValueError(f"{what}, as one parameter group; this optimizer has {len(opt.param_groups)}: use one "
+                         "group, or strategy='ddp'")
+    if opt.state:
+        raise ValueError(f"{what}, so the state the learner's optimizer holds (from an earlier fit or a native "
+                         "checkpoint) cannot be carried over: resume from a Lightning checkpoint of a sharded fit "
+                         "(fit(engine='lightning', resume=...)), or fit a fresh learner")
+    import inspect
+
+    group, accepted = opt.param_groups[0], inspect.signature(type(opt)).parameters
+    return type(opt)(params, **{key: group[key] for key in opt.defaults if key in group and key in accepted})
 
 
 class ForeignOptimizer(torch.optim.Optimizer):
@@ -81,6 +114,8 @@ class LearnerModule(L.LightningModule):
         self.fit_lr: float | None = None  # fit(lr=...): wins over the lr in a resumed optimizer state
         self.recipe_subs: list[Any] = []  # GradClipS / GradAccumS doing the Trainer's clip / accumulate flags
         self.taken_flags: dict[str, Any] = {}
+        self.sharded_opt: torch.optim.Optimizer | None = None  # made over the wrapped parameters (FSDP)
+        self.resume_view: tuple[tuple[Any, ...], str] | None = None  # this process's resume (`agree_on_resume`)
 
     @property
     def epoch(self) -> int:
@@ -106,15 +141,35 @@ class LearnerModule(L.LightningModule):
         return []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The learner's optimizer (made now if the learner has none yet)."""
+        """The learner's optimizer (made now if the learner has none yet); under a strategy that
+        shards the parameters (FSDP), one like it over the wrapped module's parameters."""
         learn = self.learn
         if learn.opt is None:
             learn.create_opt()
         opt = learn.opt
+        self.plain_opt = learn.opt
+        if shards_parameters(self.trainer.strategy):
+            self.sharded_opt = optimizer_over(opt, self.trainer.model.parameters())
+            return self.sharded_opt
         if not isinstance(opt, torch.optim.Optimizer):
             opt = ForeignOptimizer(opt, getattr(opt, "params", learn.model.parameters()))
-        self.plain_opt = learn.opt
         return opt
+
+    def on_fit_end(self) -> None:
+        """After a sharded fit, rank 0's learner gets the whole weights and optimizer state (the
+        learner's own optimizer, keyed as it was), as after any other fit."""
+        if self.sharded_opt is None:
+            return
+        strategy = self.trainer.strategy
+        opt_state = strategy.optimizer_state(self.sharded_opt)  # collective: whole on rank 0
+        weights = strategy.lightning_module_state_dict()
+        self.sharded_opt = None
+        if not self.trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            for name, p in self.learn.model.named_parameters():
+                p.data = weights[f"model.{name}"].detach().clone().to(p.device)
+        self.plain_opt.load_state_dict(opt_state)
 
     # ----- Lightning checkpoints ----------------------------------------------------------------
 
@@ -125,6 +180,12 @@ class LearnerModule(L.LightningModule):
         state = self.pending_state
         if state is None:
             state = learner_state(self.learn, self.epoch, self.train_iter, rng_state())
+        if self.trainer.world_size > 1:  # every rank's own partial-epoch state (saving is collective)
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(ranks, {"subs": state["subs"], "rng": state["rng"]})
+            state = {**state, "ranks": ranks}
         checkpoint[CHECKPOINT_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -141,10 +202,34 @@ class LearnerModule(L.LightningModule):
                 "the weights with learn.model.load_state_dict"
             )
         if self.trainer.state.fn == "fit":
-            self.learn.resume_plan = ResumePlan.read(getattr(self.trainer, "ckpt_path", None) or "", checkpoint)
+            trainer = self.trainer
+            self.learn.resume_plan = ResumePlan.read(getattr(trainer, "ckpt_path", None) or "", checkpoint,
+                                                     rank=trainer.global_rank, world_size=trainer.world_size)
             self.epoch_offset = self.learn.resume_plan.epoch_offset
             self.learn.n_epochs = self.epoch_offset + self.trainer.max_epochs
             self.learn.epochs = range(self.learn.n_epochs)
+
+    def agree_on_resume(self) -> None:
+        """Under DDP, check that every rank resumes from the same checkpoint (each process
+        resolved `resume` on its own filesystem), before anything is trained.
+
+        Raises:
+            ValueError: on every rank, listing what each rank found, when they differ or one
+                could not read its checkpoint.
+        """
+        import torch.distributed as dist
+
+        trainer = self.trainer
+        views: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(views, self.resume_view)
+        keys = {None if v is None else v[0] for v in views}
+        if len(keys) == 1 and not any(v is not None and v[0][0] == "failed" for v in views):
+            return
+        seen = "; ".join(f"rank {r}: {'no resume' if v is None else v[1]}" for r, v in enumerate(views))
+        raise ValueError(
+            f"the ranks of this DDP fit would resume from different checkpoints ({seen}). Every rank must "
+            "read the same checkpoint: keep the checkpoint directory on a filesystem all nodes share "
+            "(or copy the file to the same path on each node), then resume again")
 
     def check_resumable_loader(self, plan: ResumePlan) -> None:
         """Lightning continues the checkpoint's epoch after its last trained batch; make sure the

@@ -120,6 +120,7 @@ class EpochTimer(Subscriber):
     """Times each epoch of a Learner: ordered last, so other subscribers' `after_epoch` is inside."""
 
     order = 10_000
+    one_rank_cancels = False  # a timer: never cancels
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times = device, []
@@ -140,6 +141,7 @@ class RecipeTimer(Subscriber):
     the optimizer steps of the training pass."""
 
     order = 10_000
+    one_rank_cancels = False  # a timer: never cancels
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self.opt_steps = device, [], []

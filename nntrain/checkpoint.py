@@ -69,6 +69,10 @@ Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a
 - `rng`: `rng_state()` at the save; `epoch_rng`: at the start of epoch `e`'s training pass
   (None at an epoch's end or where the loader keeps its own order, Lightning).
 - `subs`: each subscriber's `state_dict()` by `"<ClassName>#<k>"` (k-th of its class).
+
+A Lightning checkpoint of several DDP ranks also holds `ranks`: each rank's `{"subs", "rng"}`
+(rank r's at index r; the entries above are rank 0's), so a resume inside an epoch gives
+every rank its own partial-epoch state.
 """
 
 FORMAT = 2
@@ -562,15 +566,35 @@ class ResumePlan:
         return self.epoch + (self.iter is None)
 
     @classmethod
-    def read(cls, path: str | os.PathLike, state: dict[str, Any]) -> "ResumePlan":
-        """The plan for a loaded checkpoint of either format (`state`, read from `path`)."""
+    def read(cls, path: str | os.PathLike, state: dict[str, Any], rank: int = 0,
+             world_size: int | None = None) -> "ResumePlan":
+        """The plan for a loaded checkpoint of either format (`state`, read from `path`); given
+        the `world_size` of the resuming fit, rank `rank`'s own subscriber states and RNG.
+
+        Raises:
+            ValueError: a checkpoint taken inside an epoch by another number of ranks.
+        """
         lightning = is_lightning_checkpoint(state)
         entry = state[CHECKPOINT_ENTRY] if lightning else state
         pos = entry["position"]
         offset = pos["epoch"] - state.get("epoch", pos["epoch"]) if lightning else 0
+        subs, rng = entry["subs"], entry["rng"]
+        ranks = entry.get("ranks") or [{"subs": subs, "rng": rng}]
+        if world_size is not None:
+            if len(ranks) != world_size and pos["iter"] is not None:
+                raise ValueError(
+                    f"checkpoint {path} was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}) "
+                    f"by {len(ranks)} rank(s), and this fit runs {world_size}: each rank's partial epoch cannot "
+                    f"be shared out again; resume with {len(ranks)} rank(s), or from a checkpoint at an epoch's end")
+            if len(ranks) == world_size:
+                subs, rng = ranks[rank]["subs"], ranks[rank]["rng"]
         return cls(path=str(path), epoch=pos["epoch"], iter=pos["iter"], grads=entry["grads"],
-                   global_step=entry["global_step"], rng=entry["rng"], epoch_rng=entry["epoch_rng"],
-                   subs=entry["subs"], lightning=lightning, epoch_offset=offset)
+                   global_step=entry["global_step"], rng=rng, epoch_rng=entry["epoch_rng"],
+                   subs=subs, lightning=lightning, epoch_offset=offset)
+
+    def key(self) -> tuple[Any, ...]:
+        """What identifies the checkpoint across machines: file name, position and step."""
+        return (Path(self.path).name, self.epoch, self.iter, self.global_step)
 
     @classmethod
     def restore(cls, learn: Any, resume: str | os.PathLike, train: bool = True,

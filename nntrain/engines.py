@@ -15,10 +15,10 @@ class Engine(Protocol):
 
     The native loop is `NativeEngine`; the Lightning bridge has `LightningEngine`. Subscribers
     ask the engine, never its name: `rank`, `backward`, `step`, `log_metrics` (a row's values
-    by name, e.g. `valid/loss`) and `logged` (the latest of them), `save_checkpoint`,
-    `tensorboard_logger`, and what the engine does itself (`precision`: a reduced precision it
-    runs, e.g. "16-mixed", or None; `saves_on_interrupt`, `resumes_after_last_batch`,
-    `runs_compiled_steps`).
+    by name, e.g. `valid/loss`) and `logged` (the latest of them), `agree_cancel` (the ranks'
+    common cancel), `save_checkpoint`, `tensorboard_logger`, and what the engine does itself
+    (`precision`: a reduced precision it runs, e.g. "16-mixed", or None; `saves_on_interrupt`,
+    `resumes_after_last_batch`, `runs_compiled_steps`).
     """
 
     name: str
@@ -37,6 +37,9 @@ class Engine(Protocol):
 
     def on_cancel(self, scope: str) -> None:
         """A cancel of `scope` was recorded."""
+
+    def agree_cancel(self, code: int) -> int:
+        """The widest cancel code raised at this point on any rank (`Dispatcher.agree`)."""
 
     def log_metrics(self, values: dict[str, float]) -> None:
         """Record an epoch's values by name (`train/loss`, `valid/accuracy`)."""
@@ -76,6 +79,10 @@ class NativeEngine:
 
     def on_cancel(self, scope: str) -> None:
         """Nothing to do: the exception unwinds the loop."""
+
+    def agree_cancel(self, code: int) -> int:
+        """One process: its own cancel."""
+        return code
 
     def log_metrics(self, values: dict[str, float]) -> None:
         """Keep the values in `logged`."""

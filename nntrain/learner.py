@@ -111,7 +111,7 @@ class CancelStepException(CancelException):
 class Subscriber:
     """Base class for subscribers: define methods named after `EVENTS`, each taking the learner.
 
-    `order` sorts subscribers (lower runs first). `engines` names the engines the subscriber
+    `order` sorts subscribers (lower runs first); `one_rank_cancels` see below. `engines` names the engines the subscriber
     runs on; on an engine that does the job itself (Lightning places the model on its device),
     a subscriber lists only the other engines and is left out there. `reports` marks a
     subscriber that only reports (metrics, progress, logs): `lr_find` detaches it during the
@@ -121,6 +121,11 @@ class Subscriber:
     order: int = 0
     engines: tuple[str, ...] = ("native", "lightning")
     reports: bool = False
+    one_rank_cancels: bool = True
+    """Whether a cancel this subscriber raises may come from one DDP rank alone (its own data, a
+    timer). Under DDP the ranks agree after each event such a subscriber handles (one small CPU
+    collective), so its cancel is every rank's at the same point. False for subscribers that
+    never cancel, or cancel only from values every rank shares (global metrics, step counts)."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to keep in checkpoints; none by default."""
@@ -196,6 +201,21 @@ _SCOPE_OF: dict[type[CancelException], str] = {
     CancelBatchException: "batch",
 }
 _DEPTH = {"fit": 0, "epoch": 1, "batch": 2}
+_AGREED: tuple[type[CancelException], ...] = (CancelStepException, CancelBatchException, CancelEpochException,
+                                              CancelFitException)
+"""The cancels ranks agree on, narrowest first: code i + 1 (0: none); the widest raised wins."""
+
+
+def _cancel_code(exc: CancelException | None) -> int:
+    if exc is None:
+        return 0
+    return next((i + 1 for i in range(len(_AGREED) - 1, -1, -1) if isinstance(exc, _AGREED[i])), len(_AGREED))
+
+
+def _one_rank_events(handlers: Mapping[str, tuple[Callable[[Any], None], ...]]) -> frozenset[str]:
+    """The events with a handler whose subscriber may cancel on one rank alone (`one_rank_cancels`)."""
+    return frozenset(event for event, hs in handlers.items()
+                     if any(getattr(getattr(h, "__self__", h), "one_rank_cancels", True) for h in hs))
 
 
 def subscriber_engines(sub: Any) -> tuple[str, ...]:
@@ -214,11 +234,19 @@ class Dispatcher:
     With `propagate=True` (the native loop) a cancel of an enclosing scope is re-raised, so the
     Python stack unwinds to that scope; with `propagate=False` (an engine whose loop cannot be
     unwound, Lightning) the cancel is only recorded and `engine.on_cancel(scope)` is told.
+
+    With `agree` set (several DDP ranks: `engine.agree_cancel`), each event handled by a
+    subscriber with `one_rank_cancels` ends with the ranks agreeing on a cancel: every handler of
+    the event runs, then the widest cancel raised on any rank is raised on all of them, so all
+    ranks fire the same events and skip the same steps. Cancels raised by the learner's own
+    methods (a skipped fp16 step) are not agreed: they must follow from values every rank shares.
     """
 
     def __init__(self, learn: Any) -> None:
         self.learn = learn
         self.handlers = event_handlers(())
+        self.one_rank_events: frozenset[str] = frozenset()
+        self.agree: Callable[[int], int] | None = None
         self.propagate = True
         self.reset()
 
@@ -230,6 +258,7 @@ class Dispatcher:
     def set_subs(self, subs: Iterable[Any]) -> None:
         """Dispatch to `subs` from now on (sorted by `order`)."""
         self.handlers = event_handlers(subs)
+        self.one_rank_events = _one_rank_events(self.handlers)
 
     @property
     def top(self) -> str | None:
@@ -238,6 +267,9 @@ class Dispatcher:
 
     def publish(self, event: str) -> None:
         """Call every handler of `event` in `order`; cancels propagate to the caller."""
+        if self.agree is not None and event in self.one_rank_events:
+            self._publish_agreed(event)
+            return
         learn = self.learn
         for handler in self.handlers[event]:
             try:
@@ -247,6 +279,31 @@ class Dispatcher:
             except Exception as exc:
                 _name_source(exc, handler, event)
                 raise
+
+    def _publish_agreed(self, event: str) -> None:
+        """`publish` when the ranks must agree: all handlers run, then the agreed cancel is raised."""
+        pending: CancelException | None = None
+        for handler in self.handlers[event]:
+            try:
+                handler(self.learn)
+            except CancelException as exc:
+                pending = exc if _cancel_code(exc) > _cancel_code(pending) else pending
+            except Exception as exc:
+                _name_source(exc, handler, event)
+                raise
+        pending = self._agreed(pending)
+        if pending is not None:
+            raise pending
+
+    def _agreed(self, pending: CancelException | None) -> CancelException | None:
+        """The widest cancel raised on any rank at this point (`pending` if it is this rank's)."""
+        code = _cancel_code(pending)
+        agreed = self.agree(code) if self.agree is not None else code
+        if agreed == code:
+            return pending
+        exc = _AGREED[agreed - 1]()
+        exc.add_note("raised on another rank: under DDP every rank cancels at the same point")
+        return exc
 
     def _cancel(self, exc: CancelException, scope: str) -> None:
         target = _SCOPE_OF.get(type(exc)) or next((s for t, s in _SCOPE_OF.items() if isinstance(exc, t)), None)
@@ -314,6 +371,8 @@ class Dispatcher:
                 if not failed:
                     raise
                 _warn_masked(exc, handler, event)
+        if self.agree is not None and event in self.one_rank_events and not failed:
+            pending = self._agreed(pending)
         if pending is not None:
             self._cancel(pending, scope)
 
@@ -609,6 +668,7 @@ class Learner:
         if not isinstance(self.engine, NativeEngine):
             self.engine = NativeEngine()
         self.dispatch.propagate = True
+        self.dispatch.agree = None
         self.dispatch.reset()
 
     def _scope(self, scope: str, body: Callable[..., None], *args: Any) -> None:

@@ -66,6 +66,7 @@ class Recorder(Subscriber):
     """Records every event as (event, mode, epoch, iter); mode is 'train' or 'valid'."""
 
     order = -100
+    one_rank_cancels = False  # records, never cancels: no agreement between DDP ranks
 
     def __init__(self) -> None:
         self.trace: list[tuple[str, str, int, int]] = []

@@ -275,3 +275,58 @@ def test_a_cancel_subclass_cancels_its_scope_and_the_bare_base_class_escapes():
     assert [e[3] for e in rec.trace if e[0] == "after_batch" and e[1] == "train"] == [0]
     with pytest.raises(CancelException):
         small_learner().fit(1, subs=[Stop(CancelException())])
+
+
+class _Cancels(Subscriber):
+    def __init__(self, log, exc=None):
+        self.log, self.exc = log, exc
+
+    def after_loss(self, learn):
+        self.log.append(type(self).__name__)
+        if self.exc is not None:
+            raise self.exc
+
+
+class _Quiet(_Cancels):
+    one_rank_cancels = False
+
+
+def test_ranks_agree_on_a_cancel_after_the_events_of_subscribers_that_may_cancel_alone():
+    """`Dispatcher.agree` (set under DDP): every handler of the event runs, then the widest cancel
+    of any rank is raised; events whose subscribers all declare `one_rank_cancels = False` ask nothing."""
+    from types import SimpleNamespace
+
+    from nntrain.learner import Dispatcher
+
+    cancelled = []
+    learn = SimpleNamespace(engine=SimpleNamespace(on_cancel=cancelled.append))
+    dispatch = Dispatcher(learn)
+    log, asked = [], []
+    dispatch.set_subs([_Cancels(log, CancelBatchException("mine")), _Quiet(log)])
+    with pytest.raises(CancelBatchException, match="mine"):  # one process: the cancel stops the event
+        dispatch.publish("after_loss")
+    assert log == ["_Cancels"]
+
+    def other_rank(code):  # another rank raised nothing (0) or CancelFitException (4)
+        asked.append(code)
+        return max(code, other)
+
+    dispatch.agree, other, log[:] = other_rank, 0, []
+    with pytest.raises(CancelBatchException, match="mine"):  # the later handler still ran, on every rank
+        dispatch.publish("after_loss")
+    assert log == ["_Cancels", "_Quiet"] and asked == [2]
+    other, log[:] = 4, []
+    with pytest.raises(CancelFitException) as info:  # the widest wins
+        dispatch.publish("after_loss")
+    assert "another rank" in " ".join(info.value.__notes__)
+    dispatch.set_subs([_Quiet(log), _Cancels(log)])
+    dispatch.publish("before_batch")  # no handler: nothing asked
+    other = 3
+    with pytest.raises(CancelEpochException):  # this rank raised nothing, another CancelEpochException
+        dispatch.publish("after_loss")
+    assert asked == [2, 2, 0]
+    dispatch.set_subs([_Quiet(log, CancelBatchException("shared"))])
+    asked[:] = []
+    with pytest.raises(CancelBatchException, match="shared"):  # declared rank-independent: not agreed
+        dispatch.publish("after_loss")
+    assert asked == []

@@ -81,6 +81,7 @@ class CheckpointS(Subscriber):
     """
 
     order = 1000  # last: every other subscriber's after_batch/after_epoch has run when we save
+    one_rank_cancels = False  # never cancels
     engines = ("native", "lightning")
     is_checkpointer = True  # find_checkpoint's resume="last" reads `dir`
 

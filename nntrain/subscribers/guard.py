@@ -30,6 +30,7 @@ class NanGuardS(Subscriber):
     """
 
     order = 999  # just before CheckpointS (1000): a due check runs before that batch is saved
+    one_rank_cancels = False  # raises an error, never a cancel
 
     def __init__(self, check_every: int = 1) -> None:
         if not isinstance(check_every, int) or check_every < 1:

@@ -178,6 +178,8 @@ class LRFindS(Subscriber):
     or when the next lr would pass `max_lr`. Validation epochs are skipped.
     """
 
+    one_rank_cancels = False  # decides from the loss averaged over the ranks
+
     def __init__(self, mult: float = 1.25, max_lr: float = 10.0, explode: float = 3.0) -> None:
         if mult <= 1:
             raise ValueError(f"mult must be > 1 so the lr grows, got {mult}")

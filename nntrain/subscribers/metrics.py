@@ -344,6 +344,7 @@ class MetricsS(Subscriber):
     """
 
     reports = True  # lr_find detaches it during the search
+    one_rank_cancels = False  # never cancels
 
     def __init__(self, *, flush_every: int = 256, max_buffered: int = 1 << 22, **metrics: Any) -> None:
         self.acc = MetricAccumulator(metrics, flush_every, max_buffered)

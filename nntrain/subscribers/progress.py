@@ -127,6 +127,7 @@ class ProgressS(Subscriber):
     reports = True  # lr_find detaches it during the search
 
     order = 10  # after MetricsS (order 0), so its rows for an epoch arrive before that epoch ends here
+    one_rank_cancels = False  # never cancels
 
     def __init__(self, plot: bool = False, refresh_every: float = 0.25, display: str = "auto") -> None:
         if display not in DISPLAYS:

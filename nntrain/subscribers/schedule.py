@@ -35,6 +35,7 @@ class SchedulerS(Subscriber):
     """
 
     order = 50  # after_step: other subscribers see the lr this step used
+    one_rank_cancels = False  # never cancels
 
     def __init__(self, make_sched: Callable[[Any], Any], interval: str = "batch") -> None:
         if interval not in ("batch", "epoch"):

@@ -89,6 +89,7 @@ class EarlyStoppingS(Subscriber):
     """
 
     order = 900  # after MetricsS (0) and SaveBestS (800) in after_epoch, before CheckpointS (1000) saves
+    one_rank_cancels = False  # cancels from the monitored value, which is global under DDP
 
     def __init__(self, monitor: str = "valid/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  check_finite: bool = True) -> None:
@@ -148,6 +149,7 @@ class SaveBestS(Subscriber):
     """
 
     order = 800  # after MetricsS (0) logged the epoch, before CheckpointS (1000) saves its state
+    one_rank_cancels = False  # never cancels
 
     def __init__(self, path: str | os.PathLike, monitor: str = "valid/accuracy", mode: str = "max",
                  min_delta: float = 0.0, with_opt: bool = False) -> None:

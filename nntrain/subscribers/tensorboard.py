@@ -98,6 +98,7 @@ class TensorBoardS(Subscriber):
     reports = True  # lr_find detaches it during the search
 
     order = 20  # after MetricsS (0) has made the epoch's row
+    one_rank_cancels = False  # never cancels
 
     def __init__(self, log_dir: str | os.PathLike[str] = "runs", name: str | None = None) -> None:
         self.root = Path(log_dir)

@@ -1,84 +1,214 @@
-"""DDP on CPU (gloo, 2 processes via ddp_spawn): global metrics, same LR-finder decisions, weights come back."""
+"""DDP on CPU (gloo): global metrics, same LR-finder decisions, the fit comes back from ddp_spawn
+(2 processes), and one torchrun launch of two "nodes" on 127.0.0.1 running the scenarios of
+`tests/adapters/ddp_nodes.py` (equal to devices=2, one-rank cancels, mid-epoch resume, diverged resume)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.learner import Learner, Subscriber
-from nntrain.subscribers.lr_find import LRFindS
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
-from tests.helpers import retry_on_worker_abort, tiny_data, tiny_model
+from tests.adapters.ddp_nodes import CRASH_AT, reference_dls, reference_learner, weights
+from tests.helpers import retry_on_worker_abort, tiny_model
 
 DDP = dict(engine="lightning", strategy="ddp_spawn", accelerator="cpu", devices=2)
 
 
 class DumpRows(Subscriber):
-    """Writes, per rank, the rows of a MetricsS (and an LRFindS record) to a JSON file."""
+    """Writes, per rank, the rows of a MetricsS to a JSON file."""
 
     order = 50
+    one_rank_cancels = False
 
-    def __init__(self, out_dir: str, metrics: MetricsS | None = None, finder: LRFindS | None = None):
-        self.out_dir, self.metrics, self.finder = out_dir, metrics, finder
+    def __init__(self, out_dir: str, metrics: MetricsS):
+        self.out_dir, self.metrics = out_dir, metrics
 
     def cleanup_fit(self, learn):
         rank = dist.get_rank() if dist.is_initialized() else 0
-        data = {"rows": self.metrics.history if self.metrics else [],
-                "lrs": self.finder.lrs if self.finder else [], "losses": self.finder.losses if self.finder else []}
+        data = {"rows": self.metrics.history}
         with open(os.path.join(self.out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(data, f)
 
 
-def eval_dls(n=61, bs=8):
-    # 61 samples: DistributedSampler pads to 62, rank 1's last sample repeats sample 0; 4 batches per rank
-    valid = DataLoader(tiny_data(n, seed=3), batch_size=bs)
-    return SimpleNamespace(train=DataLoader(tiny_data(16, seed=4), batch_size=bs), valid=valid)
-
-
-def test_ddp_lr_finder_takes_the_same_decision_on_every_rank(tmp_path):
-    finder = LRFindS(mult=1.5)
-    dls = SimpleNamespace(train=DataLoader(tiny_data(256, seed=5), batch_size=8, shuffle=True),
-                          valid=DataLoader(tiny_data(16, seed=6), batch_size=8))
-    learn = Learner(tiny_model(), dls, F.cross_entropy, lr=1e-3, subs=[DumpRows(str(tmp_path), finder=finder)])
-    retry_on_worker_abort(lambda: learn.fit(20, valid=False, lr=1e-3, subs=[finder], **DDP))
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert len(r0["lrs"]) > 3 and r0["lrs"] == r1["lrs"] and r0["losses"] == r1["losses"]
-    assert finder.lrs == r0["lrs"] and finder.losses == r0["losses"]  # back in the caller's finder
-
-
-def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back(tmp_path):
-    """One launch, two checks. The validation split (61 samples) is uneven over 2 ranks: the padded
-    duplicate is not counted, so every rank's rows equal one process's evaluation of the same
-    weights. And ddp_spawn brings back to the caller what a ddp run leaves on rank 0: weights,
-    history, steps, epoch, the optimizer state."""
-    model = tiny_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    metrics = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
-    learn = Learner(model, eval_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05,
-                    subs=[metrics, DumpRows(str(tmp_path), metrics)])
+@pytest.fixture(scope="module")
+def spawn_run(tmp_path_factory):
+    """The reference fit of `ddp_nodes.py` under ddp_spawn with devices=2: the caller's learner
+    and MetricsS afterwards, the initial weights, and each rank's rows."""
+    out = tmp_path_factory.mktemp("spawn")
+    learn, metrics = reference_learner([])
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.add_subs([DumpRows(str(out), metrics)])
     retry_on_worker_abort(lambda: learn.fit(2, **DDP))
-    assert learn.model is model
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    # 16 training samples over 2 ranks, batch 8: one step per epoch
-    assert learn.global_step == 2 and learn.epoch == 1
+    ranks = [json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
+    return SimpleNamespace(learn=learn, metrics=metrics, before=before, ranks=ranks)
+
+
+def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back(spawn_run):
+    """The validation split (61 samples) is uneven over 2 ranks: the padded duplicate is not
+    counted, so every rank's rows equal one process's evaluation of the same weights. And
+    ddp_spawn brings back to the caller what a ddp run leaves on rank 0: weights, history,
+    steps, epoch, the optimizer state."""
+    learn, metrics = spawn_run.learn, spawn_run.metrics
+    model = learn.model
+    assert all(not torch.equal(a, b) for a, b in zip(spawn_run.before, model.parameters()))
+    # 64 training samples over 2 ranks, batch 8: four steps per epoch
+    assert learn.global_step == 8 and learn.epoch == 1
     assert [(r["epoch"], r["mode"]) for r in metrics.history] == [(0, "train"), (0, "valid"), (1, "train"),
                                                                   (1, "valid")]
-    assert learn.opt.state_dict()["state"][0]["step"].item() == 2  # Adam's state came back too
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
+    assert learn.opt.state_dict()["state"][0]["step"].item() == 8  # Adam's state came back too
     single = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
     single.output = lambda row: None
-    Learner(model, eval_dls(), F.cross_entropy, subs=[single]).evaluate()  # the returned weights, 61 samples once
+    Learner(model, reference_dls(), F.cross_entropy, subs=[single]).evaluate()  # the returned weights, 61 samples once
     expected = single.history[-1]
-    for rank, rows in enumerate(ranks):
+    for rank, rows in enumerate(spawn_run.ranks):
         assert rows == metrics.history, rank
         for key in ("loss", "accuracy", "top_is_right"):
             assert rows[-1][key] == pytest.approx(expected[key], abs=1e-6), (rank, key)
     assert 0.0 < expected["accuracy"] < 1.0  # a real, non-trivial value
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def nodes_run(tmp_path_factory):
+    """One torchrun launch per "node" (2 nodes x 1 process on 127.0.0.1) of `ddp_nodes.py`; a
+    hang is a failure: after 150 s both are killed. Returns `load(scenario, rank)`."""
+    out = tmp_path_factory.mktemp("nodes")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "tests.adapters.ddp_nodes", str(out)],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for node in (0, 1)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=150)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the two-node DDP scenarios did not finish in 150 s (a rank hangs)")
+    for node, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"node {node} failed:\n{log[-3000:]}"
+    return lambda scenario, rank: json.loads((out / f"{scenario}-rank{rank}.json").read_text())
+
+
+def test_two_nodes_give_what_two_devices_give(nodes_run, spawn_run):
+    """num_nodes=2, devices=1 under torchrun: the same rows, weights and steps as devices=2."""
+    for rank in (0, 1):
+        run = nodes_run("reference", rank)
+        assert run["rows"] == spawn_run.metrics.history, rank
+        assert run["weights"] == weights(spawn_run.learn), rank
+        assert run["global_step"] == 8
+
+
+def test_a_cancel_on_one_rank_is_every_ranks_cancel(nodes_run):
+    """CancelEpochException on rank 1 only (after training batch 1 of epoch 0), then
+    CancelFitException on rank 0 only (before training batch 2 of epoch 1): no hang, and both
+    ranks fire the same events, take the same steps and end with the same weights."""
+    r0, r1 = nodes_run("cancels", 0), nodes_run("cancels", 1)
+    assert r0["trace"] == r1["trace"] and r0["weights"] == r1["weights"]
+    assert r0["global_step"] == r1["global_step"] == 4  # batches 0-1 of epoch 0, 0-1 of epoch 1
+    train = [(e, i) for event, mode, e, i in map(tuple, r0["trace"]) if event == "before_batch" and mode == "train"]
+    assert train == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    events = [event for event, *_ in r0["trace"]]
+    assert "after_fit" not in events and events[-1] == "cleanup_fit"
+    assert ("after_epoch", "train", 0, -1) not in map(tuple, r0["trace"])  # epoch 0's training pass cancelled
+    assert ("after_epoch", "valid", 0, -1) in map(tuple, r0["trace"])  # its validation pass ran
+
+
+def test_a_mid_epoch_resume_gives_each_rank_its_own_state(nodes_run, spawn_run):
+    """A crash inside epoch 1, resumed from the last mid-epoch checkpoint: every rank's partial
+    epoch metrics come back, so the rows and weights equal the uninterrupted run's."""
+    reference = nodes_run("reference", 0)
+    for rank in (0, 1):
+        run = nodes_run("resume", rank)
+        assert run["crash"] == "simulated crash"
+        assert run["resumed"] == f"ckpt-s0000000006-e{CRASH_AT[0]:06d}-b{CRASH_AT[1] - 1:07d}.ckpt"  # mid-epoch
+        assert run["rows"] == reference["rows"], rank
+        assert run["weights"] == reference["weights"], rank
+
+
+def test_the_lr_finder_takes_the_same_decisions_on_every_rank(nodes_run):
+    """The finder's stop depends on the loss averaged over the ranks: same records on both."""
+    r0, r1 = nodes_run("lr_find", 0), nodes_run("lr_find", 1)
+    assert len(r0["lrs"]) > 3 and r0 == r1
+
+
+def test_ranks_that_would_resume_differently_refuse_together(nodes_run):
+    """Each node resumes resume="last" from a directory of its own, rank 1's empty: both ranks
+    refuse before training, naming what each found and the shared-filesystem requirement."""
+    for rank in (0, 1):
+        refused = nodes_run("diverged", rank)["refused"]
+        assert "rank 0: " in refused and "ckpt-" in refused and "rank 1: no checkpoint found" in refused
+        assert "filesystem all nodes share" in refused
+
+
+def test_a_sharding_strategy_gets_an_optimizer_like_the_learners_over_the_wrapped_parameters():
+    """FSDP needs the optimizer over the wrapped module's parameters: `optimizer_over` makes one of
+    the learner's class and hyper-parameters, and refuses what sharded parameters cannot take."""
+    from functools import partial
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from nntrain.adapters.module import optimizer_over, shards_parameters
+    from tests.helpers import BasicOptim
+
+    assert shards_parameters(FSDPStrategy()) and not shards_parameters(DDPStrategy())
+    model, wrapped = tiny_model(), tiny_model(seed=1)
+    learn = Learner(model, reference_dls(), F.cross_entropy, partial(torch.optim.AdamW, betas=(0.8, 0.9),
+                                                                      weight_decay=0.3), lr=0.02)
+    learn.create_opt()
+    opt = optimizer_over(learn.opt, wrapped.parameters())
+    assert type(opt) is torch.optim.AdamW
+    assert [p is q for p, q in zip(opt.param_groups[0]["params"], wrapped.parameters())] == [True] * 4
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.9), 0.3)
+    learn.fit(1, valid=False)  # now the learner's optimizer holds state
+    with pytest.raises(ValueError, match="cannot be carried over: resume from a Lightning checkpoint"):
+        optimizer_over(learn.opt, wrapped.parameters())
+    with pytest.raises(ValueError, match="hand-written optimizer .*BasicOptim"):
+        optimizer_over(BasicOptim(model.parameters(), 0.1), wrapped.parameters())
+    two = torch.optim.SGD([{"params": [model[0].weight]}, {"params": [model[0].bias]}], lr=0.1)
+    with pytest.raises(ValueError, match="one parameter group; this optimizer has 2"):
+        optimizer_over(two, wrapped.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Lightning's FSDP needs a GPU)")
+def test_fsdp_on_cuda_trains_as_natively_and_gives_back_weights_and_optimizer_state():
+    """strategy="fsdp" on one GPU: the optimizer is made over the wrapped parameters, the losses
+    and weights match a native fit on the same GPU, and the learner gets the weights and Adam's state."""
+    from nntrain.subscribers.device import DeviceS
+
+    def run(**kw):
+        learn, metrics = reference_learner([])
+        learn.fit(2, **kw)
+        return learn, metrics
+
+    native, native_rows = run(subs=[DeviceS("cuda")])
+    fsdp, fsdp_rows = run(engine="lightning", strategy="fsdp", accelerator="cuda", devices=1)
+    for a, b in zip(native_rows.history, fsdp_rows.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    for p, q in zip(native.model.parameters(), fsdp.model.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=1e-4, atol=1e-5)
+    assert [s["step"].item() for s in fsdp.opt.state_dict()["state"].values()] == [16] * 4

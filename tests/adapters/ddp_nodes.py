@@ -1,0 +1,129 @@
+"""The DDP scenarios of `test_ddp.py`'s two-"node" test, run in each process of one torchrun
+launch (2 nodes x 1 process on 127.0.0.1, `strategy="ddp"`, `num_nodes=2`, `devices=1`).
+
+Each process runs several fits in turn and writes what it saw to `<out>/<scenario>-rank<r>.json`:
+- `reference`: the fit `test_ddp.py` also runs under `ddp_spawn` with `devices=2`;
+- `cancels`: a `CancelEpochException` raised on rank 1 only, then a `CancelFitException` on
+  rank 0 only: every rank must cancel at the same point;
+- `resume`: the reference fit crashes inside epoch 1 and resumes from its last mid-epoch
+  checkpoint (each rank's own partial-epoch metrics), and its rows must equal the reference's;
+- `lr_find`: `learn.lr_find` on a shuffled loader: every rank must take the same decisions;
+- `diverged`: each node resumes from a checkpoint directory of its own (rank 1's is empty): both
+  ranks must refuse before training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torcheval.metrics import MulticlassAccuracy
+
+from nntrain.checkpoint import latest_checkpoint
+from nntrain.data import ResumableDataLoader
+from nntrain.learner import CancelEpochException, CancelFitException, Learner, Subscriber
+from nntrain.subscribers.checkpoint import CheckpointS
+from nntrain.subscribers.metrics import MetricsS, batch_accuracy
+from tests.helpers import Recorder, tiny_data, tiny_model
+
+NODES = dict(engine="lightning", strategy="ddp", accelerator="cpu", num_nodes=2, devices=1)
+CRASH_AT = (1, 2)  # (epoch, training batch) where the `resume` scenario's first fit fails
+
+
+def reference_dls() -> SimpleNamespace:
+    """64 training samples (4 batches of 8 per rank), 61 validation samples (uneven over 2 ranks)."""
+    return SimpleNamespace(train=ResumableDataLoader(tiny_data(64, seed=4), batch_size=8),
+                           valid=DataLoader(tiny_data(61, seed=3), batch_size=8))
+
+
+def no_output(row: dict) -> None:
+    """A MetricsS output that prints nothing (module level: ddp_spawn pickles the learner)."""
+
+
+def reference_learner(subs: list) -> tuple[Learner, MetricsS]:
+    """The reference fit's learner (Adam, lr 0.05) with a MetricsS, and that MetricsS."""
+    metrics = MetricsS(accuracy=MulticlassAccuracy(), top_is_right=batch_accuracy)
+    metrics.output = no_output
+    return Learner(tiny_model(), reference_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05,
+                   subs=[metrics, *subs]), metrics
+
+
+def weights(learn: Learner) -> list:
+    return [p.detach().tolist() for p in learn.model.parameters()]
+
+
+class OneRankCancel(Subscriber):
+    """Raises a cancel on one rank only: `CancelEpochException` on rank 1 after training batch 1
+    of epoch 0, `CancelFitException` on rank 0 before training batch 2 of epoch 1."""
+
+    def after_batch(self, learn):
+        if learn.engine.rank == 1 and learn.training and (learn.epoch, learn.iter) == (0, 1):
+            raise CancelEpochException("rank 1 only")
+
+    def before_batch(self, learn):
+        if learn.engine.rank == 0 and learn.training and (learn.epoch, learn.iter) == (1, 2):
+            raise CancelFitException("rank 0 only")
+
+
+class Crash(Subscriber):
+    """Fails the fit at `CRASH_AT`, on every rank (a node going down takes the job with it)."""
+
+    one_rank_cancels = False
+
+    def before_batch(self, learn):
+        if learn.training and (learn.epoch, learn.iter) == CRASH_AT:
+            raise RuntimeError("simulated crash")
+
+
+def main(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+
+    def dump(name: str, data: dict) -> None:
+        (out / f"{name}-rank{rank}.json").write_text(json.dumps(data))
+
+    learn, metrics = reference_learner([])
+    learn.fit(2, **NODES)
+    dump("reference", {"rows": metrics.history, "weights": weights(learn), "global_step": learn.global_step})
+
+    recorder = Recorder()
+    learn, metrics = reference_learner([recorder, OneRankCancel()])
+    learn.fit(2, **NODES)
+    dump("cancels", {"trace": recorder.trace, "weights": weights(learn), "global_step": learn.global_step})
+
+    shared = out / "ckpt"
+    learn, metrics = reference_learner([CheckpointS(shared, every_batches=1, every_epochs=1), Crash()])
+    try:
+        learn.fit(2, **NODES)
+    except RuntimeError as exc:
+        crashed = str(exc)
+    resumed = latest_checkpoint(shared)[0].name
+    learn, metrics = reference_learner([CheckpointS(shared, every_batches=1, every_epochs=1)])
+    learn.fit(2, resume="last", **NODES)
+    dump("resume", {"crash": crashed, "resumed": resumed, "rows": metrics.history, "weights": weights(learn)})
+
+    dls = SimpleNamespace(train=DataLoader(tiny_data(256, seed=5), batch_size=8, shuffle=True),
+                          valid=DataLoader(tiny_data(16, seed=6), batch_size=8))
+    finder = Learner(tiny_model(), dls, F.cross_entropy, lr=1e-3).lr_find(mult=1.5, max_epochs=20, **NODES)
+    dump("lr_find", {"lrs": finder.lrs, "losses": finder.losses})
+
+    own = out / f"node{rank}"  # a directory per node: rank 0 writes the files, so rank 1's stays empty
+    learn, _ = reference_learner([CheckpointS(own, every_epochs=1)])
+    learn.fit(1, **NODES)
+    learn, _ = reference_learner([CheckpointS(own, every_epochs=1)])
+    try:
+        learn.fit(2, resume="last", **NODES)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    dump("diverged", {"refused": refused})
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]))
