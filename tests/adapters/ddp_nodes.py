@@ -7,6 +7,8 @@ Each process runs several fits in turn and writes what it saw to `<out>/<scenari
   rank 0 only: every rank must cancel at the same point;
 - `resume`: the reference fit crashes inside epoch 1 and resumes from its last mid-epoch
   checkpoint (each rank's own partial-epoch metrics), and its rows must equal the reference's;
+- `recipes`: `GradAccumS(2)`, a per-step `StepLR` through `SchedulerS` and `EarlyStoppingS`,
+  batch 8 per rank: the numbers of one process with batch 32, the same stop on every rank;
 - `lr_find`: `learn.lr_find` on a shuffled loader: every rank must take the same decisions;
 - `diverged`: each node resumes from a checkpoint directory of its own (rank 1's is empty): both
   ranks must refuse before training.
@@ -29,6 +31,9 @@ from nntrain.checkpoint import latest_checkpoint
 from nntrain.data import ResumableDataLoader
 from nntrain.learner import CancelEpochException, CancelFitException, Learner, Subscriber
 from nntrain.subscribers.checkpoint import CheckpointS
+from nntrain.subscribers.gradients import GradAccumS
+from nntrain.subscribers.schedule import SchedulerS
+from nntrain.subscribers.stopping import EarlyStoppingS
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
 from tests.helpers import Recorder, tiny_data, tiny_model
 
@@ -52,6 +57,22 @@ def reference_learner(subs: list) -> tuple[Learner, MetricsS]:
     metrics.output = no_output
     return Learner(tiny_model(), reference_dls(), F.cross_entropy, torch.optim.Adam, lr=0.05,
                    subs=[metrics, *subs]), metrics
+
+
+def recipe_learner(batch_size: int, accumulate: int) -> tuple[Learner, MetricsS]:
+    """The reference learner with `GradAccumS(accumulate)` (when > 1), a per-step StepLR and
+    `EarlyStoppingS(patience=1)`, training on batches of `batch_size`."""
+    subs = [SchedulerS(halve_every_step), EarlyStoppingS("valid/loss", patience=1)]
+    if accumulate > 1:
+        subs.append(GradAccumS(accumulate))
+    learn, metrics = reference_learner(subs)
+    learn.dls.train = DataLoader(tiny_data(64, seed=4), batch_size=batch_size)
+    return learn, metrics
+
+
+def halve_every_step(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
+    """A StepLR that multiplies the lr by 0.7 at every optimizer step."""
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
 
 
 def weights(learn: Learner) -> list:
@@ -106,6 +127,10 @@ def main(out: Path) -> None:
     learn, metrics = reference_learner([CheckpointS(shared, every_batches=1, every_epochs=1)])
     learn.fit(2, resume="last", **NODES)
     dump("resume", {"crash": crashed, "resumed": resumed, "rows": metrics.history, "weights": weights(learn)})
+
+    learn, metrics = recipe_learner(batch_size=8, accumulate=2)
+    learn.fit(6, **NODES)
+    dump("recipes", {"rows": metrics.history, "weights": weights(learn), "global_step": learn.global_step})
 
     dls = SimpleNamespace(train=DataLoader(tiny_data(256, seed=5), batch_size=8, shuffle=True),
                           valid=DataLoader(tiny_data(16, seed=6), batch_size=8))

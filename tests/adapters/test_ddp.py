@@ -21,7 +21,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
-from tests.adapters.ddp_nodes import CRASH_AT, reference_dls, reference_learner, weights
+from tests.adapters.ddp_nodes import CRASH_AT, recipe_learner, reference_dls, reference_learner, weights
 from tests.helpers import retry_on_worker_abort, tiny_model
 
 DDP = dict(engine="lightning", strategy="ddp_spawn", accelerator="cpu", devices=2)
@@ -78,6 +78,19 @@ def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back
         for key in ("loss", "accuracy", "top_is_right"):
             assert rows[-1][key] == pytest.approx(expected[key], abs=1e-6), (rank, key)
     assert 0.0 < expected["accuracy"] < 1.0  # a real, non-trivial value
+
+
+class SetEpoch(Subscriber):
+    """Calls `sampler.set_epoch(epoch)` before each training pass, as Lightning does under DDP."""
+
+    one_rank_cancels = False
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def before_epoch(self, learn):
+        if learn.training:
+            self.sampler.set_epoch(learn.epoch)
 
 
 def _free_port() -> int:
@@ -147,6 +160,29 @@ def test_a_mid_epoch_resume_gives_each_rank_its_own_state(nodes_run, spawn_run):
         assert run["resumed"] == f"ckpt-s0000000006-e{CRASH_AT[0]:06d}-b{CRASH_AT[1] - 1:07d}.ckpt"  # mid-epoch
         assert run["rows"] == reference["rows"], rank
         assert run["weights"] == reference["weights"], rank
+
+
+def test_the_recipes_under_ddp_give_one_process_numbers_with_the_global_batch(nodes_run):
+    """GradAccumS(2) + a per-step StepLR + EarlyStoppingS on 2 ranks of batch 8 give the rows and
+    weights of one process with batch 32 over the same global order (Lightning's training
+    `DistributedSampler` shuffles with seed 0 + epoch), and every rank stops after the same epoch."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    learn, metrics = recipe_learner(batch_size=32, accumulate=1)
+    data = learn.dls.train.dataset
+    order = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)  # the ranks' global order
+    learn.dls.train = DataLoader(data, batch_size=32, sampler=order)
+    learn.fit(6, subs=[SetEpoch(order)])
+    r0, r1 = nodes_run("recipes", 0), nodes_run("recipes", 1)
+    assert r0 == r1
+    assert len(r0["rows"]) == len(metrics.history) < 12  # stopped early, after the same epoch
+    assert r0["global_step"] == learn.global_step == len(metrics.history)  # 2 steps per epoch, 2 rows
+    for ddp_row, row in zip(r0["rows"], metrics.history):
+        assert (ddp_row["epoch"], ddp_row["mode"]) == (row["epoch"], row["mode"])
+        for key in ("loss", "accuracy"):
+            assert ddp_row[key] == pytest.approx(row[key], abs=1e-5), (row, key)
+    for ddp_w, w in zip(r0["weights"], weights(learn)):
+        torch.testing.assert_close(torch.tensor(ddp_w), torch.tensor(w), rtol=1e-4, atol=1e-5)
 
 
 def test_the_lr_finder_takes_the_same_decisions_on_every_rank(nodes_run):
