@@ -188,7 +188,8 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
 def _restore(learn: Learner, resume: Any, train: bool) -> tuple[ResumePlan | None, tuple[Any, str] | None]:
     """The resume plan for `resume`, and what it is for comparing with the other DDP ranks (see
     `LearnerModule.agree_on_resume`). In a process of a multi-process launch (torchrun, or a rank
-    `strategy="ddp"` started) a checkpoint this process cannot read fails there, on every rank."""
+    `strategy="ddp"` started), a checkpoint this process cannot find or read is not raised here,
+    where the other ranks would wait for it, but at the Trainer's setup, on every rank together."""
     if resume is None:
         return None, None
     try:
@@ -196,9 +197,9 @@ def _restore(learn: Learner, resume: Any, train: bool) -> tuple[ResumePlan | Non
     except (CheckpointError, OSError) as exc:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
-        return None, (("failed", str(exc)), f"cannot resume {resume!r}: {type(exc).__name__}: {exc}")
+        return None, (("failed", str(exc)), f"cannot resume {str(resume)!r}: {exc}")
     if plan is None:
-        return None, (("none",), f"no checkpoint found for resume={resume!r}")
+        return None, (("none",), f"no checkpoint found for resume={str(resume)!r}")
     return plan, (plan.key(), plan.describe())
 
 

@@ -267,6 +267,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint file at {path}") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded (corrupt or truncated?): "
                               f"{type(exc).__name__}: {exc}") from exc

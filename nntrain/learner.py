@@ -111,11 +111,11 @@ class CancelStepException(CancelException):
 class Subscriber:
     """Base class for subscribers: define methods named after `EVENTS`, each taking the learner.
 
-    `order` sorts subscribers (lower runs first); `one_rank_cancels` see below. `engines` names the engines the subscriber
-    runs on; on an engine that does the job itself (Lightning places the model on its device),
-    a subscriber lists only the other engines and is left out there. `reports` marks a
-    subscriber that only reports (metrics, progress, logs): `lr_find` detaches it during the
-    search, so a search prints and logs nothing.
+    `order` sorts subscribers (lower runs first); for `one_rank_cancels` see below. `engines`
+    names the engines the subscriber runs on; on an engine that does the job itself (Lightning
+    places the model on its device), a subscriber lists only the other engines and is left out
+    there. `reports` marks a subscriber that only reports (metrics, progress, logs): `lr_find`
+    detaches it during the search, so a search prints and logs nothing.
     """
 
     order: int = 0
@@ -207,9 +207,14 @@ _AGREED: tuple[type[CancelException], ...] = (CancelStepException, CancelBatchEx
 
 
 def _cancel_code(exc: CancelException | None) -> int:
+    """0 for no cancel, else the code of the widest of `_AGREED` that `exc` is (a bare
+    `CancelException`: the fit's)."""
     if exc is None:
         return 0
-    return next((i + 1 for i in range(len(_AGREED) - 1, -1, -1) if isinstance(exc, _AGREED[i])), len(_AGREED))
+    for code in range(len(_AGREED), 0, -1):
+        if isinstance(exc, _AGREED[code - 1]):
+            return code
+    return len(_AGREED)
 
 
 def _one_rank_events(handlers: Mapping[str, tuple[Callable[[Any], None], ...]]) -> frozenset[str]:

@@ -210,3 +210,12 @@ def test_under_accumulation_checkpoints_follow_optimizer_steps(tmp_path):
     learner(CheckpointS(tmp_path, every_batches=1, every_epochs=None, keep=10), GradAccumS(4)).fit(1)
     positions = [load_checkpoint(p)["position"]["iter"] for p in list_checkpoints(tmp_path)]
     assert positions == [3, 5]  # the steps after batches 3 and 5 (the epoch's last)
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_resuming_from_a_missing_file_says_so(tmp_path, engine):
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, lr=0.1)
+    missing = tmp_path / "ckpt-s0000000004-e000000-end.pt"
+    with pytest.raises(CheckpointError, match=f"no checkpoint file at {missing}$"):
+        learn.fit(1, resume=missing, engine=engine)
+    assert learn.global_step == 0

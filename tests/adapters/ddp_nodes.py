@@ -10,8 +10,8 @@ Each process runs several fits in turn and writes what it saw to `<out>/<scenari
 - `recipes`: `GradAccumS(2)`, a per-step `StepLR` through `SchedulerS` and `EarlyStoppingS`,
   batch 8 per rank: the numbers of one process with batch 32, the same stop on every rank;
 - `lr_find`: `learn.lr_find` on a shuffled loader: every rank must take the same decisions;
-- `diverged`: each node resumes from a checkpoint directory of its own (rank 1's is empty): both
-  ranks must refuse before training.
+- `diverged`: each node resumes from a checkpoint directory of its own (rank 1's is empty), with
+  `resume="last"` and with the file rank 0 wrote named: both ranks must refuse before training.
 """
 
 from __future__ import annotations
@@ -140,12 +140,15 @@ def main(out: Path) -> None:
     own = out / f"node{rank}"  # a directory per node: rank 0 writes the files, so rank 1's stays empty
     learn, _ = reference_learner([CheckpointS(own, every_epochs=1)])
     learn.fit(1, **NODES)
-    learn, _ = reference_learner([CheckpointS(own, every_epochs=1)])
-    try:
-        learn.fit(2, resume="last", **NODES)
-        refused = ""
-    except ValueError as exc:
-        refused = str(exc)
+    written = latest_checkpoint(out / "node0")[0].name
+    refused = []
+    for resume in ("last", own / written):  # rank 1 finds nothing, then cannot read the named file
+        learn, _ = reference_learner([CheckpointS(own, every_epochs=1)])
+        try:
+            learn.fit(2, resume=resume, **NODES)
+            refused.append("")
+        except ValueError as exc:
+            refused.append(str(exc))
     dump("diverged", {"refused": refused})
 
 

@@ -192,12 +192,15 @@ def test_the_lr_finder_takes_the_same_decisions_on_every_rank(nodes_run):
 
 
 def test_ranks_that_would_resume_differently_refuse_together(nodes_run):
-    """Each node resumes resume="last" from a directory of its own, rank 1's empty: both ranks
-    refuse before training, naming what each found and the shared-filesystem requirement."""
+    """Each node resumes from a directory of its own, rank 1's empty, with resume="last" and with
+    the file named: both ranks refuse before training (rank 1's missing file is raised with the
+    others', not alone while they wait), naming what each found and the shared filesystem."""
     for rank in (0, 1):
-        refused = nodes_run("diverged", rank)["refused"]
-        assert "rank 0: " in refused and "ckpt-" in refused and "rank 1: no checkpoint found" in refused
-        assert "filesystem all nodes share" in refused
+        last, named = nodes_run("diverged", rank)["refused"]
+        assert "rank 0: " in last and "ckpt-" in last and "rank 1: no checkpoint found for resume='last'" in last
+        assert "rank 1: cannot resume" in named and "ckpt-s0000000004-e000000-end.ckpt" in named
+        for refused in (last, named):
+            assert "filesystem all nodes share" in refused
 
 
 def test_a_sharding_strategy_gets_an_optimizer_like_the_learners_over_the_wrapped_parameters():
