@@ -84,8 +84,8 @@ def give_back_trainer_recipes(trainer: L.Trainer, taken: dict[str, Any]) -> None
 class LightningEngine:
     """The engine of a learner under Lightning: backward through `manual_backward`, the step
     through Lightning's optimizer wrapper (precision plugins and strategies apply), cancels as
-    `trainer.should_stop` (agreed between DDP ranks, `agree_cancel`), epoch values through `LightningModule.log` and the Trainer's loggers,
-    checkpoints through `trainer.save_checkpoint`.
+    `trainer.should_stop` (agreed between DDP ranks: `agree_cancel`), epoch values through
+    `LightningModule.log` and the Trainer's loggers, checkpoints through `trainer.save_checkpoint`.
 
     With a gradient scaler (`16-mixed`), the learner's `grad_scaling` is a
     `nntrain.amp.GradScaling` around the plugin's scaler (the one `MixedPrecisionS` runs), so

@@ -437,3 +437,24 @@ def test_fit_lr_wins_over_the_checkpoints_lr_on_resume(tmp_path, first, second):
         learn.fit(EPOCHS, lr=0.03, resume="last", engine=second)
     assert learn.lr == 0.03 and seen.lrs and set(seen.lrs) == {0.03}
     assert learn.opt.param_groups[0]["lr"] == 0.03
+
+
+def test_a_ddp_checkpoint_gives_each_rank_its_own_state_and_refuses_another_rank_count_mid_epoch():
+    """`ResumePlan.read` of a Lightning checkpoint with `ranks`: rank r gets rank r's subscriber
+    states and RNG; inside an epoch another number of ranks is refused, at an epoch's end rank 0's
+    states serve any number."""
+    from nntrain.checkpoint import ResumePlan
+
+    def state(iter_):
+        ranks = [{"subs": {"MetricsS#0": {"seen": 8 * r}}, "rng": {"r": r}} for r in range(2)]
+        entry = {"format": 2, "grads": [], "global_step": 6, "position": {"epoch": 1, "iter": iter_},
+                 "rng": ranks[0]["rng"], "epoch_rng": None, "subs": ranks[0]["subs"], "ranks": ranks}
+        return {"state_dict": {}, "nntrain": entry, "epoch": 1}
+
+    plan = ResumePlan.read("c.ckpt", state(1), rank=1, world_size=2)
+    assert plan.subs == {"MetricsS#0": {"seen": 8}} and plan.rng == {"r": 1}
+    assert ResumePlan.read("c.ckpt", state(1)).subs == {"MetricsS#0": {"seen": 0}}  # no fit yet: rank 0's
+    with pytest.raises(ValueError, match=r"inside epoch 1 \(after training batch 1\) by 2 rank\(s\), and this fit "
+                                         r"runs 3: .* resume with 2 rank\(s\), or from a checkpoint at an epoch's end"):
+        ResumePlan.read("c.ckpt", state(1), rank=0, world_size=3)
+    assert ResumePlan.read("c.ckpt", state(None), rank=2, world_size=3).subs == {"MetricsS#0": {"seen": 0}}
