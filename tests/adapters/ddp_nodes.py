@@ -5,6 +5,8 @@ Each process runs several fits in turn and writes what it saw to `<out>/<scenari
 - `reference`: the fit `test_ddp.py` also runs under `ddp_spawn` with `devices=2`;
 - `cancels`: a `CancelEpochException` raised on rank 1 only, then a `CancelFitException` on
   rank 0 only: every rank must cancel at the same point;
+- `validate`: `learn.evaluate` (`trainer.validate`) with a `CancelBatchException` on rank 1 only
+  at validation batch 1: both ranks skip it;
 - `resume`: the reference fit crashes inside epoch 1 and resumes from its last mid-epoch
   checkpoint (each rank's own partial-epoch metrics), and its rows must equal the reference's;
 - `recipes`: `GradAccumS(2)`, a per-step `StepLR` through `SchedulerS` and `EarlyStoppingS`,
@@ -29,7 +31,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.checkpoint import latest_checkpoint
 from nntrain.data import ResumableDataLoader
-from nntrain.learner import CancelEpochException, CancelFitException, Learner, Subscriber
+from nntrain.learner import CancelBatchException, CancelEpochException, CancelFitException, Learner, Subscriber
 from nntrain.subscribers.checkpoint import CheckpointS
 from nntrain.subscribers.gradients import GradAccumS
 from nntrain.subscribers.schedule import SchedulerS
@@ -92,6 +94,14 @@ class OneRankCancel(Subscriber):
             raise CancelFitException("rank 0 only")
 
 
+class OneRankSkip(Subscriber):
+    """Raises `CancelBatchException` on rank 1 only, before validation batch 1."""
+
+    def before_batch(self, learn):
+        if learn.engine.rank == 1 and not learn.training and learn.iter == 1:
+            raise CancelBatchException("rank 1 only")
+
+
 class Crash(Subscriber):
     """Fails the fit at `CRASH_AT`, on every rank (a node going down takes the job with it)."""
 
@@ -116,6 +126,11 @@ def main(out: Path) -> None:
     learn, metrics = reference_learner([recorder, OneRankCancel()])
     learn.fit(2, **NODES)
     dump("cancels", {"trace": recorder.trace, "weights": weights(learn), "global_step": learn.global_step})
+
+    recorder = Recorder()
+    learn, metrics = reference_learner([recorder, OneRankSkip()])
+    values = learn.evaluate(engine="lightning", **{k: v for k, v in NODES.items() if k != "engine"})
+    dump("validate", {"trace": recorder.trace, "values": values, "rows": metrics.history})
 
     shared = out / "ckpt"
     learn, metrics = reference_learner([CheckpointS(shared, every_batches=1, every_epochs=1), Crash()])

@@ -150,6 +150,15 @@ def test_a_cancel_on_one_rank_is_every_ranks_cancel(nodes_run):
     assert ("after_epoch", "valid", 0, -1) in map(tuple, r0["trace"])  # its validation pass ran
 
 
+def test_a_cancel_on_one_rank_in_trainer_validate_is_every_ranks_cancel(nodes_run):
+    """`learn.evaluate(engine="lightning")` under DDP, CancelBatchException on rank 1 only before
+    validation batch 1: both ranks skip that batch (same trace) and report the same values."""
+    r0, r1 = nodes_run("validate", 0), nodes_run("validate", 1)
+    assert r0["trace"] == r1["trace"] and r0["values"] == r1["values"] and r0["rows"] == r1["rows"]
+    ends = [i for event, mode, _, i in r0["trace"] if event == "after_batch"]
+    assert ends == [0, 2, 3] and "valid/loss" in r0["values"]
+
+
 def test_a_mid_epoch_resume_gives_each_rank_its_own_state(nodes_run, spawn_run):
     """A crash inside epoch 1, resumed from the last mid-epoch checkpoint: every rank's partial
     epoch metrics come back, so the rows and weights equal the uninterrupted run's."""
