@@ -8,6 +8,7 @@ strategies (DDP) apply. The events are fired by the `LearnerCallback` (see `HOOK
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
@@ -59,8 +60,6 @@ def optimizer_over(opt: Any, params: Any) -> torch.optim.Optimizer:
         raise ValueError(f"{what}, so the state the learner's optimizer holds (from an earlier fit or a native "
                          "checkpoint) cannot be carried over: resume from a Lightning checkpoint of a sharded fit "
                          "(fit(engine='lightning', resume=...)), or fit a fresh learner")
-    import inspect
-
     group, accepted = opt.param_groups[0], inspect.signature(type(opt)).parameters
     return type(opt)(params, **{key: group[key] for key in opt.defaults if key in group and key in accepted})
 
