@@ -2,13 +2,13 @@
 
 `to_lightning(learn)` gives a `LearnerModule` and the one `LearnerCallback` that runs the
 learner's subscribers, for a Trainer you build; `learn.fit(epochs, engine="lightning",
-**trainer_kwargs)` does it for you. `HOOK_TABLE` is the whole Lightning-to-nntrain mapping.
+**trainer_kwargs)` does it for you (through `LightningRunner`). `HOOK_TABLE` is the whole Lightning-to-nntrain mapping.
 """
 
 from nntrain.adapters.callback import HOOK_TABLE, STEP_TABLE, LearnerCallback, hook_table_markdown
 from nntrain.adapters.engine import REFUSED_CALLBACKS, LightningEngine
-from nntrain.adapters.fit import (UNSUPPORTED_TRAINER_OPTIONS, evaluate_lightning, fit_lightning, model_device,
-                                  predict_lightning, to_lightning, trainer_defaults)
+from nntrain.adapters.fit import (UNSUPPORTED_TRAINER_OPTIONS, LightningRunner, model_device, to_lightning,
+                                  trainer_defaults)
 from nntrain.adapters.module import ForeignOptimizer, LearnerModule
 
 __all__ = [
@@ -20,9 +20,7 @@ __all__ = [
     "ForeignOptimizer",
     "REFUSED_CALLBACKS",
     "to_lightning",
-    "fit_lightning",
-    "evaluate_lightning",
-    "predict_lightning",
+    "LightningRunner",
     "trainer_defaults",
     "model_device",
     "hook_table_markdown",

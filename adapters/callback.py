@@ -11,8 +11,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from nntrain.checkpoint import learner_state, load_subscriber_states, set_grads, set_rng_state
-from nntrain.learner import check_batch_structure, set_lr
+from nntrain.checkpoint_state import capture, load_subscriber_states, set_grads
+from nntrain.checks import check_batch_structure
+from nntrain.engines import NativeEngine
+from nntrain.optim import set_lr
+from nntrain.rng import set_rng_state
 
 __all__ = ["HOOK_TABLE", "STEP_TABLE", "LearnerCallback"]
 
@@ -20,7 +23,7 @@ Action = tuple[str, ...]
 
 HOOK_TABLE: dict[str, tuple[Action, ...]] = {
     "setup": (("setup",),),
-    "on_fit_start": (("open", "fit"), ("resume_at_fit_start",)),
+    "on_fit_start": (("open", "fit"),),
     "on_train_start": (("train_start",),),
     "on_train_epoch_start": (("open", "epoch", "train"),),
     "on_train_batch_start": (("open", "batch", "train"),),
@@ -45,8 +48,10 @@ HOOK_TABLE: dict[str, tuple[Action, ...]] = {
 """Lightning hook -> what it drives, in order. `open`/`close` a scope (fit, epoch of a mode,
 batch); `open_eval`/`close_eval` the fit scope of `trainer.validate` / `trainer.test` (inside
 `trainer.fit` validation is part of the fit); `setup` binds the learner to the Trainer and
-refuses what cannot give native numbers; `resume_at_fit_start` and `train_start` apply a resume
-plan; `abort` fires the cleanups of the open scopes; `teardown` gives the learner back.
+refuses what cannot give native numbers; `train_start` hands the learner Lightning's optimizer and
+the gradients (and lines a resumed epoch up with Lightning's); `abort` fires the cleanups of the
+open scopes; `teardown` gives the learner back. The scopes apply a resume plan's states themselves
+(see `nntrain.dispatch`).
 Lightning runs validation inside the training epoch, before `on_train_epoch_end`: the training
 pass closes when validation starts, so the order of events is the native one."""
 
@@ -76,7 +81,8 @@ def hook_table_markdown() -> str:
 class LearnerCallback(L.Callback):
     """Runs a learner's subscribers under a Lightning Trainer: each hook drives the learner's
     `Dispatcher` as `HOOK_TABLE` says. Needs the Trainer's module to be this learner's
-    `LearnerModule` (make both with `to_lightning`)."""
+    `LearnerModule` (make both with `to_lightning`). The learner's loop position is set only
+    through the dispatcher's scopes (`open_fit`, `open_epoch`, `open_batch`)."""
 
     def __init__(self, module: Any, subs: list[Any]) -> None:
         self.module = module
@@ -174,8 +180,8 @@ class LearnerCallback(L.Callback):
     # ----- actions ---------------------------------------------------------------------------------
 
     def _setup(self, trainer: L.Trainer, stage: str) -> None:
-        """Bind the learner to this Trainer (engine, dispatch, epochs), or refuse what the bridge
-        cannot run with native numbers, before anything runs."""
+        """Bind the learner to this Trainer (engine, dispatch), or refuse what the bridge cannot
+        run with native numbers, before anything runs."""
         from nntrain.adapters.engine import LightningEngine, refuse_unsupported
 
         module, learn = self.module, self.module.learn
@@ -185,19 +191,10 @@ class LearnerCallback(L.Callback):
         refuse_unsupported(trainer, stage)
         learn.engine = LightningEngine(module, trainer)
         learn.dispatch.set_subs([*self.subs, *module.recipe_subs])
-        learn.dispatch.propagate = False
-        learn.dispatch.agree = learn.engine.agree_cancel if trainer.world_size > 1 else None
-        learn.dispatch.reset()
+        learn.dispatch.reset(propagate=False, agree=learn.engine.agree_cancel if trainer.world_size > 1 else None)
         self._reopen, self._skip = False, 0
-        fitting = stage == "fit"
-        if fitting and trainer.world_size > 1:
+        if stage == "fit" and trainer.world_size > 1:
             module.agree_on_resume()
-        plan = learn.resume_plan
-        offset = plan.epoch_offset if (fitting and plan is not None) else 0
-        module.epoch_offset = offset
-        learn.n_epochs = offset + trainer.max_epochs if fitting else 1
-        learn.epochs = range(learn.n_epochs)
-        learn.fit_valid = bool(trainer.limit_val_batches) if fitting else True
         self._saved = {
             "grads": [p.grad for p in learn.model.parameters()],  # Lightning sets them to None at its start
             "dtypes": [t.dtype for t in learn.model.state_dict().values()],
@@ -209,13 +206,11 @@ class LearnerCallback(L.Callback):
             from nntrain.amp import GradScaling
 
             learn.grad_scaling = GradScaling(learn.engine.scaler, owned=False)
-        if fitting:
+        if stage == "fit":
             learn.model.train()  # before Lightning checks the modes (as the native loop sets it)
 
     def _teardown(self, trainer: L.Trainer, stage: str) -> None:
-        """Give the learner back its optimizer, engine, dispatch and dtypes; drop any resume plan."""
-        from nntrain.learner import NativeEngine
-
+        """Give the learner back its optimizer, engine, dispatch and dtypes."""
         learn, saved = self.module.learn, self._saved
         if not saved:
             return
@@ -231,10 +226,7 @@ class LearnerCallback(L.Callback):
         learn.engine.close()
         learn.engine = NativeEngine()
         learn.dispatch.set_subs(learn.subs)
-        learn.dispatch.propagate = True
-        learn.dispatch.agree = None
         learn.dispatch.reset()
-        learn.resume_plan = None
         if stage != "fit":
             learn.model.train(saved["training"])
         self._saved = {}
@@ -246,20 +238,36 @@ class LearnerCallback(L.Callback):
         elif scope == "epoch":
             self._open_epoch(trainer, mode)
         elif self.module.learn.dispatch.top is None:  # else the fit scope is open already
-            self.module.learn.dispatch.open_scope("fit")
+            self._open_fit(trainer)
+
+    def _open_fit(self, trainer: L.Trainer) -> None:
+        """Open the fit scope: `trainer.fit`'s epochs (after a resume's offset) and validation,
+        or the one pass of `trainer.validate` / `test`."""
+        module, learn = self.module, self.module.learn
+        dispatch = learn.dispatch
+        if trainer.state.fn != "fit":
+            dispatch.open_fit(1, True)
+            return
+        plan = learn.resume_plan
+        if plan is not None:
+            learn.global_step = plan.global_step
+            dispatch.resume = plan
+        dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),
+                          plan.start_epoch if plan is not None else 0)
+        if plan is not None and plan.inside_epoch and not plan.lightning:
+            set_rng_state(plan.epoch_rng)  # the resumed epoch's order, before Lightning makes the loader's iterator
 
     def _open_batch(self, trainer: L.Trainer, mode: str, batch: Any, batch_idx: int) -> None:
         learn = self.module.learn
         if mode == "train":
             if self._reopen:
-                self._reopen_epoch(trainer)
+                self._open_epoch(trainer, "train")  # Lightning continued a resumed epoch without its start hook
             if batch_idx < self._skip:  # trained before the checkpoint: no event, no step
                 return
         if learn.dispatch.top != "epoch":  # its pass did not open (train=False) or was cancelled
             return
-        learn.batch, learn.iter = batch, batch_idx
         try:
-            learn.dispatch.open_scope("batch")
+            learn.dispatch.open_batch(batch_idx, batch)
         except Exception as exc:
             check_batch_structure(exc, batch, mode)
             raise
@@ -277,23 +285,18 @@ class LearnerCallback(L.Callback):
             return
         if epoch is None:
             epoch = self.module.epoch if mode == "train" or trainer.state.fn == "fit" else 0
-        learn.mode, learn.epoch = mode, epoch
-        learn.dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
-                    "test": trainer.test_dataloaders}[mode]
+        dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
+              "test": trainer.test_dataloaders}[mode]
         n = trainer.num_training_batches if mode == "train" else \
             (trainer.num_val_batches if mode == "valid" else trainer.num_test_batches)
         n = n[0] if isinstance(n, list) else n
-        learn.n_batches = int(n) if n != float("inf") else None
-        dispatch.open_scope("epoch")
+        dispatch.open_epoch(mode, epoch, dl, int(n) if n != float("inf") else None)
 
     def _close(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
                batch_idx: int = 0) -> None:
         learn = self.module.learn
         dispatch = learn.dispatch
         if scope == "batch":
-            if mode == "train" and self._skip and batch_idx == self._skip - 1:
-                self._skip = 0  # the last batch trained before the checkpoint: now its states
-                learn.resume_plan.apply_states(learn)
             if dispatch.top != "batch":
                 return
             if mode == "train":
@@ -307,12 +310,11 @@ class LearnerCallback(L.Callback):
         if scope == "epoch":
             if mode == "train":
                 self.module.train_iter = None
+                self._skip = 0  # the resumed epoch's replayed batches are behind us
             if dispatch.top != "epoch" or learn.mode != mode:
                 return
             was_training = learn.model.training
             learn.model.train(mode == "train")  # Lightning may already have switched to eval
-            if mode == "train":
-                learn.dl = trainer.train_dataloader
             try:
                 dispatch.close_scope("epoch")
             finally:
@@ -325,7 +327,6 @@ class LearnerCallback(L.Callback):
 
     def _open_eval(self, trainer: L.Trainer, scope: str) -> None:
         if trainer.state.fn != "fit":
-            self.module.learn.mode = "valid"
             self._open(trainer, scope)
 
     def _close_eval(self, trainer: L.Trainer, scope: str) -> None:
@@ -337,23 +338,10 @@ class LearnerCallback(L.Callback):
 
     # ----- resuming ---------------------------------------------------------------------------------
 
-    def _resume_at_fit_start(self, trainer: L.Trainer) -> None:
-        """After `before_fit`, before Lightning makes the loader's iterator: at an epoch's end the
-        saved subscriber states and RNG (as natively before the next epoch); inside an epoch of
-        a native checkpoint the RNG the epoch's order was drawn from."""
-        learn = self.module.learn
-        plan = learn.resume_plan
-        if plan is None:
-            return
-        learn.global_step = plan.global_step
-        if not plan.inside_epoch:
-            plan.apply_states(learn)
-        elif not plan.lightning:
-            set_rng_state(plan.epoch_rng)
-
     def _train_start(self, trainer: L.Trainer) -> None:
         """Train mode, Lightning's optimizer wrapper as `learn.opt`, and the learner's gradients
-        (Lightning set them to None; `MomentumLearner` keeps `mom * grad`)."""
+        (Lightning set them to None; `MomentumLearner` keeps `mom * grad`); a resumed epoch lined
+        up with the batches Lightning replays or skips."""
         module = self.module
         learn = module.learn
         if module.lr_schedulers():
@@ -362,9 +350,9 @@ class LearnerCallback(L.Callback):
                              "which steps it on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
-        if module.fit_lr is not None and learn.resume_plan is not None:  # Lightning restored the saved lr
-            set_lr(learn.opt, module.fit_lr)
         plan = learn.resume_plan
+        if module.fit_lr is not None and plan is not None:  # Lightning restored the saved lr
+            set_lr(learn.opt, module.fit_lr)
         if plan is None:
             set_grads(learn.model, self._saved["grads"])
             return
@@ -381,14 +369,6 @@ class LearnerCallback(L.Callback):
             self._finish_saved_epoch(trainer, plan)
             self._reopen = True  # the next epoch starts without on_train_epoch_start too
 
-    def _reopen_epoch(self, trainer: L.Trainer) -> None:
-        """Lightning continued a training epoch without `on_train_epoch_start` (it resumed inside
-        it): fire `before_epoch`, then restore the checkpoint's subscriber states and RNG."""
-        self._open_epoch(trainer, "train")
-        learn = self.module.learn
-        if learn.resume_plan is not None:
-            learn.resume_plan.apply_states(learn)
-
     def _finish_saved_epoch(self, trainer: L.Trainer, plan: Any) -> None:
         """Lightning resumes a checkpoint taken after an epoch's last training batch at the next
         epoch, without that epoch's validation pass: close the saved training pass (`before_epoch`,
@@ -401,9 +381,7 @@ class LearnerCallback(L.Callback):
                 f"at epoch {plan.epoch + 1}, without running epoch {plan.epoch}'s validation pass: that epoch has "
                 "no validation metrics. Checkpoint at epoch ends (CheckpointS does) to keep them.",
                 RuntimeWarning, stacklevel=2)
-        learn = self.module.learn
         self._open_epoch(trainer, "train", epoch=plan.epoch)
-        plan.apply_states(learn)
         self._close(trainer, "epoch", "train")
 
 
@@ -424,7 +402,7 @@ def save_results(learn: Any, path: str) -> None:
     """What a fit leaves in the learner besides the weights (the learner state and the optimizer
     state), written by rank 0 of processes Lightning started, for `load_results` in the caller."""
     opt = learn.opt
-    torch.save({"state": learner_state(learn, learn.epoch, None),
+    torch.save({"state": capture(learn, learn.epoch, None),
                 "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None}, path)
 
 
@@ -434,7 +412,7 @@ def load_results(learn: Any, path: str) -> None:
     results = torch.load(path, weights_only=True)
     state = results["state"]
     learn.global_step = state["global_step"]
-    learn.epoch = state["position"]["epoch"]
+    learn.epoch = state["position"]["epoch"]  # the caller's learner ran no scope: the spawned fit's last epoch
     set_grads(learn.model, state["grads"])
     load_subscriber_states(learn.subs, state["subs"])
     if results["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):

@@ -1,5 +1,5 @@
 """`LightningEngine`: what a learner and its subscribers get from a Lightning Trainer (the
-`nntrain.learner.Engine` protocol), and the Trainer set-ups the bridge refuses up front."""
+`nntrain.engines.Engine` protocol), and the Trainer set-ups the bridge refuses up front."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from nntrain.checkpoint import atomic_write
+from nntrain.optim import get_lr
 
 __all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported", "take_trainer_recipes",
            "give_back_trainer_recipes"]
@@ -53,23 +54,19 @@ def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
 
 def take_trainer_recipes(trainer: L.Trainer) -> tuple[list[Any], dict[str, Any]]:
     """The subscribers that do what the Trainer's `gradient_clip_val` / `gradient_clip_algorithm`
-    and `accumulate_grad_batches` ask (`GradClipS`, `GradAccumS`: Lightning cannot under manual
-    optimization), and the flags taken off the Trainer to do it (`give_back_trainer_recipes`
+    and `accumulate_grad_batches` ask (`nntrain.recipes.gradient_recipes`: Lightning cannot under
+    manual optimization), and the flags taken off the Trainer to do it (`give_back_trainer_recipes`
     puts them back). Called before Lightning checks its configuration."""
-    from nntrain.subscribers.gradients import GradAccumS, GradClipS
+    from nntrain.recipes import gradient_recipes
 
-    subs: list[Any] = []
-    taken: dict[str, Any] = {}
     clip = trainer.gradient_clip_val
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+    subs = gradient_recipes(clip, algorithm, trainer.accumulate_grad_batches)
+    taken: dict[str, Any] = {}
     if clip is not None and clip > 0:
-        algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
-        if algorithm not in ("norm", "value"):
-            raise ValueError(f"gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'")
-        subs.append(GradClipS(max_norm=float(clip)) if algorithm == "norm" else GradClipS(max_value=float(clip)))
         taken["gradient_clip_val"] = clip
         trainer.gradient_clip_val = None
     if trainer.accumulate_grad_batches != 1:
-        subs.append(GradAccumS(int(trainer.accumulate_grad_batches)))
         taken["accumulate_grad_batches"] = trainer.accumulate_grad_batches
         trainer.accumulate_grad_batches = 1
     return subs, taken
@@ -105,7 +102,6 @@ class LightningEngine:
         self.precision = None if precision in ("32-true", "32", "64-true", "64") else precision
         self.scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.claimed: list[Any] = []  # loggers a subscriber writes through itself
-        self.logged: dict[str, float] = {}  # the last values logged by name, as given (EarlyStoppingS reads them)
         self.logs_steps = bool(trainer.loggers) or trainer.progress_bar_callback is not None
         self._cancel_group: Any = None
 
@@ -145,7 +141,6 @@ class LightningEngine:
         """`LightningModule.log` for `callback_metrics` (EarlyStopping, ModelCheckpoint, the
         dicts `trainer.validate` and `trainer.test` return), and every logger no subscriber
         writes through itself."""
-        self.logged.update(values)
         sync = self.trainer.world_size > 1  # values are already global; this only silences a warning
         if self.trainer.state.fn != "fit":  # validate/test return only what is logged for loggers
             with warnings.catch_warnings():  # our own call: "logger=True but no logger configured"
@@ -169,8 +164,6 @@ class LightningEngine:
             self.module.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         loggers = [lg for lg in trainer.loggers if lg not in self.claimed]
         if loggers and self.rank == 0 and self.module.learn.global_step % trainer.log_every_n_steps == 0:
-            from nntrain.learner import get_lr
-
             values = {"train/loss_step": float(loss.detach()), "train/lr": float(get_lr(self.module.learn.opt))}
             for lg in loggers:
                 lg.log_metrics(values, step=self.module.learn.global_step)

@@ -1,5 +1,5 @@
-"""Entry points: `to_lightning` for your own Trainer, `fit_lightning` behind `learn.fit(engine="lightning")`,
-`evaluate_lightning` and `predict_lightning` behind `learn.evaluate` / `learn.get_preds(engine="lightning")`."""
+"""Entry points: `to_lightning` for your own Trainer, and `LightningRunner`, the runner behind
+`learn.fit`, `learn.evaluate` and `learn.get_preds` with `engine="lightning"`."""
 
 from __future__ import annotations
 
@@ -17,18 +17,20 @@ from torch import nn
 from nntrain.adapters.callback import LearnerCallback, load_results
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
-from nntrain.checkpoint import CheckpointError, ResumePlan
-from nntrain.checks import _empty_valid, announce_resume
-from nntrain.learner import Learner, Subscriber, collate_preds, model_device, set_lr, subscriber_engines
-from nntrain.logs import quiet_loggers
+from nntrain.checkpoint import CheckpointError
+from nntrain.checkpoint_state import ResumePlan
+from nntrain.devices import model_device
+from nntrain.engines import collate_preds
+from nntrain.events import Subscriber, declared, subscriber_engines
+from nntrain.learner import Learner
+from nntrain.logs import make_log_dir, quiet_loggers
 
-__all__ = ["to_lightning", "fit_lightning", "evaluate_lightning", "predict_lightning", "trainer_defaults",
-           "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
+__all__ = ["to_lightning", "LightningRunner", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
 UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
     "max_epochs": "pass the number of epochs as fit(epochs, ...)",
 }
-"""Trainer options `fit_lightning` refuses (`gradient_clip_val` and `accumulate_grad_batches` run
+"""Trainer options the bridge refuses (`gradient_clip_val` and `accumulate_grad_batches` run
 as `GradClipS` / `GradAccumS`, see `take_trainer_recipes`)."""
 
 
@@ -41,12 +43,11 @@ def _bridgeable(subs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
     """
     kept, needs = [], {}
     for sub in subs:
-        engine_needs = getattr(sub, "engine_needs", None)
-        if callable(engine_needs):
-            needs.update(engine_needs())
+        asked = declared(sub, "engine_needs")()
+        needs.update(asked)
         if "lightning" in subscriber_engines(sub):
             kept.append(sub)
-        elif not callable(engine_needs):
+        elif not asked:
             raise ValueError(
                 f"{type(sub).__name__} supports the engines {subscriber_engines(sub)} only; remove it from the "
                 f"learner's subs or fit with engine='native'"
@@ -109,10 +110,11 @@ def _options(learn: Learner, needs: dict[str, Any], trainer_kwargs: dict[str, An
     return options
 
 
-def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool = True,
-                  subs: Sequence[Subscriber] = (), lr: float | None = None, resume: Any = None,
-                  **trainer_kwargs: Any) -> L.Trainer:
-    """Fit `learn` with a `lightning.Trainer`; `trainer_kwargs` override `trainer_defaults`.
+class LightningRunner:
+    """The Lightning engine's `nntrain.engines.Runner`: `learn.fit(engine="lightning")`,
+    `learn.evaluate(..., engine="lightning")` and `learn.get_preds(..., engine="lightning")` run
+    a `lightning.Trainer` over the learner's `LearnerModule` and `LearnerCallback`, with
+    `trainer_defaults` overridden by the caller's Trainer options.
 
     With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
     at the same place, and `TensorBoardS` writes its run through it (one event file per run).
@@ -120,120 +122,107 @@ def fit_lightning(learn: Learner, epochs: int, train: bool = True, valid: bool =
     Lightning's info lines (the accelerator banner, tips, "`Trainer.fit` stopped") are shown only
     with `verbose=True`; its warnings always are.
 
-    `resume` (as in `Learner.fit`: a file, a directory, or "last") names a checkpoint:
-    - a Lightning checkpoint (from `CheckpointS` on this engine, or a `ModelCheckpoint`) goes to
-      `trainer.fit(ckpt_path=...)`: Lightning restores weights, optimizer, loops and a
-      `ResumableDataLoader`'s position; the learner state comes from its "nntrain" entry;
-    - a native checkpoint: the learner loads it and the Trainer's epoch 0 is the checkpoint's
-      epoch (inside it, the batches already trained are fetched and run no step and fire no
-      event) or the next one.
-    Either way gradients, subscriber states and RNG are restored at the points where the native
-    loop restores them, and the fit ends where an uninterrupted one would.
-
-    Returns:
-        The Trainer, for its `callback_metrics`, `logger` and checkpoint paths.
-
-    Raises:
-        ValueError: a Trainer option the bridge cannot honour, or a native-only subscriber.
+    A resume names a checkpoint of either format: a Lightning checkpoint goes to
+    `trainer.fit(ckpt_path=...)` (Lightning restores weights, optimizer, loops and a
+    `ResumableDataLoader`'s position; the learner state comes from its "nntrain" entry); a native
+    one is loaded into the learner and the Trainer's epoch 0 is the checkpoint's epoch (inside it,
+    the batches already trained are fetched and run no step and fire no event) or the next one.
     """
-    for option, why in UNSUPPORTED_TRAINER_OPTIONS.items():
-        if option in trainer_kwargs:
-            raise ValueError(f"Trainer option {option}={trainer_kwargs[option]!r} is not supported by the "
-                             f"nntrain bridge: {why}")
-    if not isinstance(learn.model, nn.Module):
-        raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
-    refuse_callbacks(trainer_kwargs.get("callbacks") or [])  # some act in their own setup, before ours
-    verbose = bool(trainer_kwargs.pop("verbose", False))
-    _, needs = _bridgeable([*learn.subs, *subs])
-    learn.add_subs(subs)
-    try:
-        learn.prepare_fit(epochs, lr)
+
+    def __init__(self) -> None:
+        self.resume_view: tuple[Any, str] | None = None  # this process's resume, compared across DDP ranks
+
+    def check(self, learn: Learner, subs: list[Any], options: dict[str, Any]) -> None:
+        """Refuse Trainer options, callbacks and subscribers the bridge cannot honour.
+
+        Raises:
+            ValueError: naming the option, callback or subscriber and what to use instead.
+        """
+        for option, why in UNSUPPORTED_TRAINER_OPTIONS.items():
+            if option in options:
+                raise ValueError(f"Trainer option {option}={options[option]!r} is not supported by the "
+                                 f"nntrain bridge: {why}")
+        if not isinstance(learn.model, nn.Module):
+            raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
+        refuse_callbacks(options.get("callbacks") or [])  # some act in their own setup, before ours
+        _bridgeable(subs)
+
+    def restore(self, learn: Learner, resume: Any, epochs: int, train: bool) -> ResumePlan | None:
+        """The resume plan for `resume`. In a process of a multi-process launch (torchrun, or a
+        rank `strategy="ddp"` started), a checkpoint this process cannot find or read is not
+        raised here, where the other ranks would wait for it, but at the Trainer's setup, on every
+        rank together (see `LearnerModule.agree_on_resume`)."""
+        try:
+            plan = ResumePlan.restore(learn, resume, epochs, train, lightning_ok=True)
+        except (CheckpointError, OSError) as exc:
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                raise
+            self.resume_view = (("failed", str(exc)), f"cannot resume {str(resume)!r}: {exc}")
+            return None
+        if plan is None:
+            self.resume_view = (("none",), f"no checkpoint found for resume={str(resume)!r}")
+            return None
+        if plan.lightning and plan.inside_epoch and not hasattr(learn.dls.train, "load_state_dict"):
+            from nntrain.adapters.module import loader_cannot_resume
+
+            raise loader_cannot_resume(f"checkpoint {plan.path}", {"epoch": plan.epoch, "iter": plan.iter},
+                                       learn.dls.train)
+        self.resume_view = (plan.key(), plan.describe())
+        return plan
+
+    def fit(self, learn: Learner, epochs: int, plan: ResumePlan | None, train: bool, valid: bool,
+            lr: float | None, options: dict[str, Any]) -> L.Trainer:
+        """Run `trainer.fit` for the epochs left; returns the Trainer (for its `callback_metrics`,
+        `logger` and checkpoint paths)."""
+        options = dict(options)
+        verbose = bool(options.pop("verbose", False))
+        _, needs = _bridgeable(learn.subs)
         module, callbacks = to_lightning(learn, subs=(), train=train)
         module.fit_lr = lr
-        plan, module.resume_view = _restore(learn, resume, train)
-        if plan is not None and lr is not None:
-            set_lr(learn.opt, lr)  # a native checkpoint's optimizer state carried its lr: this fit's wins
-        announce_resume(plan, int(os.environ.get("RANK", "0")))
-        valid = valid and not _empty_valid(learn.dls.valid)
-        ckpt_path = None
-        offset = 0
+        module.resume_view = self.resume_view
+        ckpt_path, offset = None, 0
         if plan is not None:
-            offset = plan.epoch_offset if plan.lightning else plan.start_epoch
             if plan.lightning:
-                if plan.inside_epoch and not hasattr(learn.dls.train, "load_state_dict"):
-                    from nntrain.adapters.module import loader_cannot_resume
-
-                    raise loader_cannot_resume(f"checkpoint {plan.path}", {"epoch": plan.epoch, "iter": plan.iter},
-                                               learn.dls.train)
-                ckpt_path = plan.path  # Lightning loads it; on_load_checkpoint makes the plan again
+                ckpt_path, offset = plan.path, plan.epoch_offset  # Lightning loads it; on_load_checkpoint reads it
             else:
-                plan.epoch_offset = offset
-                learn.resume_plan = plan
-        options = _options(learn, needs, trainer_kwargs)
+                offset = module.epoch_offset = plan.start_epoch
+        trainer_options = _options(learn, needs, options)
         if not valid:
-            options["limit_val_batches"] = 0
+            trainer_options["limit_val_batches"] = 0
         if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none
-            options["limit_train_batches"] = 1
-        user_callbacks = list(trainer_kwargs.get("callbacks") or [])
+            trainer_options["limit_train_batches"] = 1
+        user_callbacks = list(options.get("callbacks") or [])
         with _lightning_info(verbose):
-            trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **options)
+            trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks],
+                                **trainer_options)
         with _spawned_results(trainer, module), _lightning_info(verbose):
             trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path is not None else None)
         return trainer
-    finally:
-        learn.resume_plan = None
-        learn.remove_subs(subs)
+
+    def evaluate(self, learn: Learner, dl: Any, mode: str, options: dict[str, Any]) -> None:
+        """`trainer.validate` (mode "valid") or `trainer.test` over `dl`."""
+        trainer, module = _eval_trainer(learn, options)
+        with _lightning_info(False):
+            if mode == "valid":
+                trainer.validate(module, dataloaders=dl, verbose=False)
+            else:
+                trainer.test(module, dataloaders=dl, verbose=False)
+
+    def get_preds(self, learn: Learner, dl: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`trainer.predict` over `dl`, concatenated as natively."""
+        trainer, module = _eval_trainer(learn, options)
+        with _lightning_info(False):
+            outputs = trainer.predict(module, dataloaders=dl)
+        return collate_preds(outputs or [])
 
 
-def _restore(learn: Learner, resume: Any, train: bool) -> tuple[ResumePlan | None, tuple[Any, str] | None]:
-    """The resume plan for `resume`, and what it is for comparing with the other DDP ranks (see
-    `LearnerModule.agree_on_resume`). In a process of a multi-process launch (torchrun, or a rank
-    `strategy="ddp"` started), a checkpoint this process cannot find or read is not raised here,
-    where the other ranks would wait for it, but at the Trainer's setup, on every rank together."""
-    if resume is None:
-        return None, None
-    try:
-        plan = ResumePlan.restore(learn, resume, train, lightning_ok=True)
-    except (CheckpointError, OSError) as exc:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            raise
-        return None, (("failed", str(exc)), f"cannot resume {str(resume)!r}: {exc}")
-    if plan is None:
-        return None, (("none",), f"no checkpoint found for resume={str(resume)!r}")
-    return plan, (plan.key(), plan.describe())
-
-
-def _eval_trainer(learn: Learner, subs: Sequence[Subscriber], trainer_kwargs: dict[str, Any]
-                  ) -> tuple[L.Trainer, LearnerModule]:
-    _, needs = _bridgeable([*learn.subs, *subs])
-    module, callbacks = to_lightning(learn, subs=subs)
-    options = _options(learn, needs, trainer_kwargs)
-    user_callbacks = list(trainer_kwargs.get("callbacks") or [])
+def _eval_trainer(learn: Learner, options: dict[str, Any]) -> tuple[L.Trainer, LearnerModule]:
+    _, needs = _bridgeable(learn.subs)
+    module, callbacks = to_lightning(learn)
+    trainer_options = _options(learn, needs, options)
+    user_callbacks = list(options.get("callbacks") or [])
     with _lightning_info(False):
-        return L.Trainer(callbacks=[*callbacks, *user_callbacks], **options), module
-
-
-def evaluate_lightning(learn: Learner, dl: Any = None, subs: Sequence[Subscriber] = (),
-                       **trainer_kwargs: Any) -> dict[str, float]:
-    """`learn.evaluate(dl, engine="lightning")`: `trainer.validate` (dl None) or `trainer.test`."""
-    if learn.opt is None:
-        learn.create_opt()
-    trainer, module = _eval_trainer(learn, subs, trainer_kwargs)
-    with _lightning_info(False):
-        if dl is None:
-            results = trainer.validate(module, dataloaders=learn.dls.valid, verbose=False)
-        else:
-            results = trainer.test(module, dataloaders=dl, verbose=False)
-    return dict(results[0]) if results else {}
-
-
-def predict_lightning(learn: Learner, dl: Any = None, **trainer_kwargs: Any
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`learn.get_preds(dl, engine="lightning")`: `trainer.predict`, concatenated as natively."""
-    trainer, module = _eval_trainer(learn, (), trainer_kwargs)
-    with _lightning_info(False):
-        outputs = trainer.predict(module, dataloaders=learn.dls.valid if dl is None else dl)
-    return collate_preds(outputs or [])
+        return L.Trainer(callbacks=[*callbacks, *user_callbacks], **trainer_options), module
 
 
 def _tensorboard_logger(needs: dict[str, Any]) -> Any:
@@ -242,8 +231,6 @@ def _tensorboard_logger(needs: dict[str, Any]) -> Any:
     if "tensorboard_dir" not in needs:
         return None
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from nntrain.subscribers.tensorboard import make_log_dir
 
     make_log_dir(needs["tensorboard_dir"])  # an unusable directory: a clear error, before training
     return TensorBoardLogger(save_dir=str(needs["tensorboard_dir"]), name=needs.get("tensorboard_name") or "",

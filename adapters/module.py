@@ -14,8 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from nntrain.checkpoint import CHECKPOINT_ENTRY, ResumePlan, learner_state, rng_state
-from nntrain.learner import Learner, check_batch_structure, get_lr, set_lr
+from nntrain.checkpoint_state import CHECKPOINT_ENTRY, ResumePlan, capture
+from nntrain.checks import check_batch_structure
+from nntrain.learner import Learner
+from nntrain.optim import get_lr, set_lr
+from nntrain.rng import rng_state
 
 __all__ = ["LearnerModule", "ForeignOptimizer", "CHECKPOINT_KEY", "loader_cannot_resume", "shards_parameters",
            "optimizer_over"]
@@ -178,7 +181,7 @@ class LearnerModule(L.LightningModule):
         Lightning's."""
         state = self.pending_state
         if state is None:
-            state = learner_state(self.learn, self.epoch, self.train_iter, rng_state())
+            state = capture(self.learn, self.epoch, self.train_iter, rng_state())
         if self.trainer.world_size > 1:  # every rank's own partial-epoch state (saving is collective)
             import torch.distributed as dist
 
@@ -205,8 +208,6 @@ class LearnerModule(L.LightningModule):
             self.learn.resume_plan = ResumePlan.read(getattr(trainer, "ckpt_path", None) or "", checkpoint,
                                                      rank=trainer.global_rank, world_size=trainer.world_size)
             self.epoch_offset = self.learn.resume_plan.epoch_offset
-            self.learn.n_epochs = self.epoch_offset + self.trainer.max_epochs
-            self.learn.epochs = range(self.learn.n_epochs)
 
     def agree_on_resume(self) -> None:
         """Under DDP, check that every rank resumes from the same checkpoint (each process
@@ -299,5 +300,5 @@ class LearnerModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, Any]:
         """`learn.predict_batch()`: the predictions, and the targets where the batch has them."""
-        self.learn.batch, self.learn.iter = batch, batch_idx
+        self.learn.batch = batch
         return self.learn.predict_batch()

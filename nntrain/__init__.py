@@ -11,18 +11,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports these
-    from nntrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+    from nntrain.checkpoint import CheckpointError, save_checkpoint
+    from nntrain.checkpoint_state import latest_checkpoint, load_checkpoint
     from nntrain.data import DataLoaders, ResumableDataLoader, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
-    from nntrain.learner import (
+    from nntrain.events import (
         EVENTS,
         CancelBatchException,
         CancelEpochException,
         CancelFitException,
         CancelStepException,
-        Learner,
-        MomentumLearner,
         Subscriber,
     )
+    from nntrain.learner import Learner, MomentumLearner
     from nntrain.schedules import OneCycle
     from nntrain.subscribers import (
         CheckpointS,
@@ -41,11 +41,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     )
 
 _EXPORTS: dict[str, str] = {
-    "EVENTS": "nntrain.learner",
-    "CancelBatchException": "nntrain.learner",
-    "CancelEpochException": "nntrain.learner",
-    "CancelFitException": "nntrain.learner",
-    "CancelStepException": "nntrain.learner",
+    "EVENTS": "nntrain.events",
+    "CancelBatchException": "nntrain.events",
+    "CancelEpochException": "nntrain.events",
+    "CancelFitException": "nntrain.events",
+    "CancelStepException": "nntrain.events",
     "CheckpointError": "nntrain.checkpoint",
     "CheckpointS": "nntrain.subscribers",
     "DataLoaders": "nntrain.data",
@@ -64,12 +64,12 @@ _EXPORTS: dict[str, str] = {
     "ResumableDataLoader": "nntrain.data",
     "SaveBestS": "nntrain.subscribers",
     "SchedulerS": "nntrain.subscribers",
-    "Subscriber": "nntrain.learner",
+    "Subscriber": "nntrain.events",
     "TensorBoardS": "nntrain.subscribers",
     "digits_dataset_dict": "nntrain.data",
     "hf_ds_collate_fn": "nntrain.data",
-    "latest_checkpoint": "nntrain.checkpoint",
-    "load_checkpoint": "nntrain.checkpoint",
+    "latest_checkpoint": "nntrain.checkpoint_state",
+    "load_checkpoint": "nntrain.checkpoint_state",
     "load_dataset_dict": "nntrain.data",
     "save_checkpoint": "nntrain.checkpoint",
 }

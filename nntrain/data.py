@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nntrain.checkpoint import rng_state, set_rng_state
+from nntrain.rng import rng_state, set_rng_state
 from nntrain.logs import quiet_loggers
 
 if TYPE_CHECKING:  # datasets and PIL are imported where they are used: `import nntrain` stays fast

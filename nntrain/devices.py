@@ -1,4 +1,4 @@
-"""Moving tensors: `to_device` (nested batches) and `default_device`, shared by the loop and `DeviceS`."""
+"""Devices: `to_device` (nested batches), `default_device` and `model_device`, shared by the loop and `DeviceS`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_device", "to_device"]
+__all__ = ["default_device", "to_device", "model_device"]
 
 
 def default_device() -> torch.device:
@@ -31,3 +31,9 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, list):
         return [to_device(v, device, non_blocking) for v in obj]
     return obj
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -1,12 +1,15 @@
-"""`quiet_loggers`: raise some libraries' log levels for a block, then put them back."""
+"""Logging helpers: `quiet_loggers` raises some libraries' log levels for a block, then puts them
+back; `make_log_dir` makes a writable log directory or says why it cannot."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
-__all__ = ["quiet_loggers"]
+__all__ = ["quiet_loggers", "make_log_dir"]
 
 
 @contextlib.contextmanager
@@ -22,3 +25,19 @@ def quiet_loggers(names: Sequence[str], level: int) -> Iterator[None]:
     finally:
         for lg, old in zip(loggers, levels):
             lg.setLevel(old)
+
+
+def make_log_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the directory `path` (and its parents) if needed and return it.
+
+    Raises:
+        OSError: it cannot be created or is not writable; the message names the path.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the TensorBoard log directory '{path}': {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"the TensorBoard log directory '{path}' is not writable")
+    return path

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from nntrain.learner import EVENTS, Learner
+from nntrain.events import EVENTS
+from nntrain.learner import Learner
 
 __all__ = ["assert_engines_agree", "EngineRun"]
 

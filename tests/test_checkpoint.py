@@ -16,16 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from nntrain.checkpoint import CheckpointError, list_checkpoints, prune_checkpoints, save_checkpoint
+from nntrain.checkpoint_state import FORMAT, latest_checkpoint, load_checkpoint
+from nntrain.rng import rng_state, set_rng_state
 from nntrain.learner import CancelFitException, Learner, MomentumLearner, Subscriber
 from nntrain.subscribers import CheckpointS, MetricsS, NanGuardS, ProgressS, TensorBoardS
 from nntrain.subscribers.checkpoint import NonFiniteWeightsError
@@ -96,8 +89,8 @@ def resume(directory, **kw):
 
 
 def test_save_is_atomic_keeps_last_k_and_load_names_a_corrupt_file(tmp_path):
-    state = {k: 0 for k in ("format", "model", "optimizer", "grads", "global_step", "position", "rng",
-                            "epoch_rng", "subs")}
+    state = {k: 0 for k in ("model", "optimizer", "grads", "global_step", "position", "rng", "epoch_rng", "subs")}
+    state["format"] = FORMAT
     for i in range(5):
         save_checkpoint(dict(state, global_step=i), tmp_path / f"ckpt-{i}.pt")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
@@ -443,18 +436,36 @@ def test_a_ddp_checkpoint_gives_each_rank_its_own_state_and_refuses_another_rank
     """`ResumePlan.read` of a Lightning checkpoint with `ranks`: rank r gets rank r's subscriber
     states and RNG; inside an epoch another number of ranks is refused, at an epoch's end rank 0's
     states serve any number."""
-    from nntrain.checkpoint import ResumePlan
+    from nntrain.checkpoint_state import ResumePlan
 
     def state(iter_):
-        ranks = [{"subs": {"MetricsS#0": {"seen": 8 * r}}, "rng": {"r": r}} for r in range(2)]
-        entry = {"format": 2, "grads": [], "global_step": 6, "position": {"epoch": 1, "iter": iter_},
+        ranks = [{"subs": {"MetricsS": {"seen": 8 * r}}, "rng": {"r": r}} for r in range(2)]
+        entry = {"format": 3, "grads": [], "global_step": 6, "position": {"epoch": 1, "iter": iter_},
                  "rng": ranks[0]["rng"], "epoch_rng": None, "subs": ranks[0]["subs"], "ranks": ranks}
         return {"state_dict": {}, "nntrain": entry, "epoch": 1}
 
     plan = ResumePlan.read("c.ckpt", state(1), rank=1, world_size=2)
-    assert plan.subs == {"MetricsS#0": {"seen": 8}} and plan.rng == {"r": 1}
-    assert ResumePlan.read("c.ckpt", state(1)).subs == {"MetricsS#0": {"seen": 0}}  # no fit yet: rank 0's
+    assert plan.subs == {"MetricsS": {"seen": 8}} and plan.rng == {"r": 1}
+    assert ResumePlan.read("c.ckpt", state(1)).subs == {"MetricsS": {"seen": 0}}  # no fit yet: rank 0's
     with pytest.raises(ValueError, match=r"inside epoch 1 \(after training batch 1\) by 2 rank\(s\), and this fit "
                                          r"runs 3: .* resume with 2 rank\(s\), or from a checkpoint at an epoch's end"):
         ResumePlan.read("c.ckpt", state(1), rank=0, world_size=3)
-    assert ResumePlan.read("c.ckpt", state(None), rank=2, world_size=3).subs == {"MetricsS#0": {"seen": 0}}
+    assert ResumePlan.read("c.ckpt", state(None), rank=2, world_size=3).subs == {"MetricsS": {"seen": 0}}
+
+
+def test_the_format_version_is_checked_and_format_2_keys_are_read(tmp_path):
+    """A file of a newer format is refused naming the versions; format 2's `"<Class>#<k>"`
+    subscriber keys are read as format 3's state keys (the class name, `#k` from the second on)."""
+    from nntrain.checkpoint_state import ResumePlan
+
+    entry = {"grads": [], "global_step": 6, "position": {"epoch": 1, "iter": None}, "rng": {}, "epoch_rng": None,
+             "subs": {"MetricsS#0": {"seen": 1}, "MetricsS#1": {"seen": 2}}}
+    save_checkpoint({"model": {}, "optimizer": None, **entry, "format": 2}, tmp_path / "old.pt")
+    assert ResumePlan.read("old.pt", load_checkpoint(tmp_path / "old.pt")).subs == \
+        {"MetricsS": {"seen": 1}, "MetricsS#1": {"seen": 2}}
+    save_checkpoint({"model": {}, "optimizer": None, **entry, "format": FORMAT + 1}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match=rf"format {FORMAT + 1}, written by a newer nntrain .*upgrade nntrain"):
+        load_checkpoint(tmp_path / "new.pt")
+    save_checkpoint({"model": {}, "optimizer": None, **entry, "format": 1}, tmp_path / "older.pt")
+    with pytest.raises(CheckpointError, match="format 1, which this nntrain cannot read"):
+        load_checkpoint(tmp_path / "older.pt")

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import nntrain.checkpoint as ckpt
 from nntrain import CheckpointError, CheckpointS, GradAccumS, Learner, MetricsS, Subscriber
-from nntrain.checkpoint import DirectoryLock, atomic_write, latest_checkpoint, list_checkpoints, load_checkpoint
+from nntrain.checkpoint import DirectoryLock, atomic_write, list_checkpoints
+from nntrain.checkpoint_state import latest_checkpoint, load_checkpoint
 from nntrain.subscribers.checkpoint import NonFiniteWeightsError
 from tests.helpers import tiny_data, tiny_dls, tiny_model
 

@@ -118,7 +118,7 @@ def test_an_empty_validation_loader_warns_and_runs_no_validation_on_both_engines
     learn = learner(dls=dls)
     with pytest.warns(RuntimeWarning, match="validation loader is empty"):
         learn.fit(2, engine=engine)
-    assert [r["mode"] for r in learn.metrics.history] == ["train", "train"]
+    assert [r["mode"] for r in learn.subs[0].history] == ["train", "train"]
 
 
 def test_a_generator_as_loader_is_refused_before_training():
@@ -178,7 +178,7 @@ def test_a_subscriber_state_that_does_not_fit_names_the_subscriber(run_dir):
     learn.subs[0].output = lambda row: None
     ckpt = run_dir / "ckpt-s0000000012-e000001-end.pt"
     state = torch.load(ckpt, weights_only=True)
-    state["subs"] = {"MetricsV2#0": state["subs"]["MetricsS#0"]}
+    state["subs"] = {"MetricsV2": state["subs"]["MetricsS"]}
     torch.save(state, run_dir.parent / "renamed.pt")
-    with pytest.raises(CheckpointError, match=r"saved state of MetricsV2#0 does not fit this MetricsV2 \(KeyError"):
+    with pytest.raises(CheckpointError, match=r"saved state of MetricsV2 does not fit this MetricsV2 \(KeyError"):
         learn.fit(3, resume=run_dir.parent / "renamed.pt")

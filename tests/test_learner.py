@@ -296,7 +296,7 @@ def test_ranks_agree_on_a_cancel_after_the_events_of_subscribers_that_may_cancel
     of any rank is raised; events whose subscribers all declare `one_rank_cancels = False` ask nothing."""
     from types import SimpleNamespace
 
-    from nntrain.learner import Dispatcher
+    from nntrain.dispatch import Dispatcher
 
     cancelled = []
     learn = SimpleNamespace(engine=SimpleNamespace(on_cancel=cancelled.append))

@@ -15,14 +15,13 @@ import torch
 from nntrain.checkpoint import (
     DirectoryLock,
     checkpoint_name,
-    learner_state,
     list_checkpoints,
     remove_stale_temporaries,
-    rng_state,
     sigint_deferred,
-    subscriber_states,
 )
-from nntrain.learner import Subscriber
+from nntrain.checkpoint_state import capture, subscriber_states
+from nntrain.events import Subscriber
+from nntrain.rng import rng_state
 
 __all__ = ["CheckpointS", "NonFiniteWeightsError"]
 
@@ -37,7 +36,7 @@ class CheckpointS(Subscriber):
     `mom * grad` between batches), `global_step`, the position (epoch, and the last trained batch
     or the epoch's end), every RNG state now and at the start of the epoch's training pass (the
     data order is drawn then), and each subscriber's `state_dict()` keyed by class name and
-    occurrence (`MetricsS#0`).
+    its `state_key` (its class name by default: `MetricsS`).
 
     Save points: after every `every_batches`-th optimizer step (at `after_batch`, after
     `zero_grad`; a batch that took no step, under `GradAccumS` or a skipped fp16 step, saves
@@ -83,7 +82,6 @@ class CheckpointS(Subscriber):
     order = 1000  # last: every other subscriber's after_batch/after_epoch has run when we save
     one_rank_cancels = False  # never cancels
     engines = ("native", "lightning")
-    is_checkpointer = True  # find_checkpoint's resume="last" reads `dir`
 
     def __init__(self, dir: str | os.PathLike, every_epochs: int | None = 1, every_batches: int | None = None,
                  keep: int = 3, save_on_interrupt: bool = True) -> None:
@@ -106,6 +104,11 @@ class CheckpointS(Subscriber):
         self._lock: DirectoryLock | None = None
         self._interrupt = False  # a Ctrl-C arrived and waits for the next clean point
         self._defers = False  # this fit holds Ctrl-C until a clean point (see _defer_ctrl_c)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where it writes: `fit(resume="last")` resumes from the newest file here."""
+        return self.dir
 
     # ----- events --------------------------------------------------------------------------------
 
@@ -294,7 +297,7 @@ class CheckpointS(Subscriber):
                 f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step} (in {', '.join(bad[:5])}): "
                 f"no checkpoint written; the last good one is "
                 f"{self.saved[-1] if self.saved else 'none from this fit'}")
-        state = learner_state(learn, epoch, iter_, rng, subs, epoch_rng if epoch_rng is not None else self._epoch_rng)
+        state = capture(learn, epoch, iter_, rng, subs, epoch_rng if epoch_rng is not None else self._epoch_rng)
         stem = self.dir / checkpoint_name(learn.global_step, epoch, iter_, suffix="")
         with sigint_deferred():  # a Ctrl-C now lands after the file is in place and recorded
             path = Path(learn.engine.save_checkpoint(stem, state, learn))

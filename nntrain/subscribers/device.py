@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from nntrain.devices import default_device, to_device
-from nntrain.learner import Subscriber
+from nntrain.events import Subscriber
 
 __all__ = ["DeviceS", "default_device", "to_device"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nntrain.learner import CancelStepException, Subscriber
+from nntrain.events import CancelStepException, Subscriber
 
 __all__ = ["GradClipS", "GradAccumS"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from nntrain.learner import Subscriber
+from nntrain.events import Subscriber
 
 __all__ = ["NanGuardS", "NonFiniteLossError"]
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from nntrain.learner import CancelEpochException, CancelFitException, Subscriber, get_lr, set_lr
+from nntrain.events import CancelEpochException, CancelFitException, Subscriber, declared
+from nntrain.optim import get_lr, set_lr
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
     from matplotlib.axes import Axes
@@ -318,7 +319,7 @@ def lr_find(
     opt_lr = get_lr(opt) if opt is not None and opt_state is None else None
     lr, global_step = learn.lr, learn.global_step
     subs = list(learn.subs)
-    learn.remove_subs([sub for sub in subs if sub.reports])  # no rows, bars or logs from the search
+    learn.remove_subs([sub for sub in subs if declared(sub, "reports")])  # no rows, bars or logs from the search
     try:
         learn.fit(max_epochs, valid=False, subs=[finder], lr=start_lr, engine=engine, **trainer_kwargs)
     finally:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nntrain.learner import Subscriber
+from nntrain.events import Subscriber, declared
 
 __all__ = ["MetricAccumulator", "MetricsS", "batch_accuracy", "format_row"]
 
@@ -335,12 +335,12 @@ class MetricAccumulator:
 class MetricsS(Subscriber):
     """Reports the weighted mean loss and `metrics` after each train and valid epoch.
 
-    Sets `learn.metrics = self` before the fit. Each epoch's row
-    (`{'epoch', 'mode', 'loss', <name>...}`) is appended to `history` and passed to `output`,
-    which prints it (on rank 0) or, when `sink` is set (a progress display does this), calls
-    `sink(row)` instead. The row's values also go to `learn.engine.log_metrics` as
-    `<mode>/<name>` (`valid/loss`): Lightning's `callback_metrics` and loggers under the bridge,
-    what `learn.evaluate` returns natively. See `MetricAccumulator` for the metrics accepted and `flush_every`.
+    Each epoch's row (`{'epoch', 'mode', 'loss', <name>...}`) is appended to `history`, its
+    values are logged as `<mode>/<name>` (`valid/loss`) through `learn.log` (so `learn.logs`,
+    Lightning's `callback_metrics` and loggers, and what `learn.evaluate` returns have them),
+    and the row goes to `output`, which prints it on rank 0 unless a subscriber that
+    `shows_rows` (`ProgressS`) is attached, or calls `sink(row)` when `sink` is set. See
+    `MetricAccumulator` for the metrics accepted and `flush_every`.
     """
 
     reports = True  # lr_find detaches it during the search
@@ -351,7 +351,8 @@ class MetricsS(Subscriber):
         self._real: int | None = None  # real samples of this rank's pass (None: the loader pads nothing)
         self._seen = 0
         self.history: list[Row] = []
-        self.sink: Callable[[Row], None] | None = None
+        self.sink: Callable[[Row], None] | None = None  # where `output` sends rows instead of printing
+        self._shown = False  # a subscriber that shows rows is attached
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -368,8 +369,8 @@ class MetricsS(Subscriber):
         return [row for row in self.history if row["mode"] == mode]
 
     def before_fit(self, learn: Any) -> None:
-        """Publish this subscriber as `learn.metrics`."""
-        learn.metrics = self
+        """Note whether another subscriber shows the rows (then `output` prints none)."""
+        self._shown = any(declared(sub, "shows_rows") for sub in learn.subs)
 
     def logged_names(self, learn: Any) -> list[str]:
         """The names this subscriber logs in `learn`'s fit (`train/loss`, `valid/<metric>`...)."""
@@ -408,8 +409,8 @@ class MetricsS(Subscriber):
         row: Row = {"epoch": learn.epoch, "mode": mode}
         row.update(self.acc.compute())
         self.history.append(row)
-        learn.engine.log_metrics({f"{mode}/{name}": float(value) for name, value in row.items()
-                                  if name not in ("epoch", "mode") and isinstance(value, (int, float))})
+        learn.log({f"{mode}/{name}": float(value) for name, value in row.items()
+                   if name not in ("epoch", "mode") and isinstance(value, (int, float))})
         self.output(row)
 
     def cleanup_epoch(self, learn: Any) -> None:
@@ -417,10 +418,10 @@ class MetricsS(Subscriber):
         self.acc.clear_buffer()
 
     def output(self, log: Row) -> None:
-        """Send `log` to `sink` if set, else print it on rank 0."""
+        """Send `log` to `sink` if set, else print it on rank 0 (unless a subscriber shows the rows)."""
         if self.sink is not None:
             self.sink(log)
-        elif _is_rank_zero():
+        elif not self._shown and _is_rank_zero():
             print(format_row(log))
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from nntrain.amp import GradScaling
-from nntrain.learner import Subscriber, model_device
+from nntrain.devices import model_device
+from nntrain.events import Subscriber
 
 __all__ = ["MixedPrecisionS"]
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from nntrain.learner import Subscriber, loader_length
+from nntrain.checks import loader_length
+from nntrain.events import Subscriber, declared
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
     from matplotlib.axes import Axes
@@ -126,7 +127,8 @@ class ProgressS(Subscriber):
 
     reports = True  # lr_find detaches it during the search
 
-    order = 10  # after MetricsS (order 0), so its rows for an epoch arrive before that epoch ends here
+    order = 10  # after MetricsS (order 0): the pass's values are logged when its after_epoch runs here
+    shows_rows = True  # MetricsS prints no rows of its own while this shows them
     one_rank_cancels = False  # never cancels
 
     def __init__(self, plot: bool = False, refresh_every: float = 0.25, display: str = "auto") -> None:
@@ -142,7 +144,7 @@ class ProgressS(Subscriber):
         self.valid_losses: list[float] = []
         self._view: _TextView | _NotebookView | None = None  # None: nothing shown (rank > 0)
         self._bar: _TerminalBar | _HtmlBar | None = None  # the open pass's bar, if one is shown
-        self._hooked: tuple[Any, Any] | None = None  # (the MetricsS we show rows for, its previous sink)
+        self._table = False  # a subscriber logs values: show them as a table
         self._pending: list[torch.Tensor] = []
         self._pending_steps: list[int] = []
         self._valid_row_loss: float | None = None
@@ -157,20 +159,17 @@ class ProgressS(Subscriber):
     # ----- events ----------------------------------------------------------------------------------
 
     def before_fit(self, learn: Any) -> None:
-        """Reset the table and plot data, take over the showing of `learn.metrics`' rows, open the display."""
+        """Reset the table and plot data and open the display (a table when a subscriber logs values)."""
         self.rows = []
         self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], []
-        metrics = getattr(learn, "metrics", None)
-        if metrics is not None and hasattr(metrics, "sink"):
-            self._hooked = (metrics, metrics.sink)
-            metrics.sink = self.write_row
+        self._table = any(declared(sub, "logged_names")(learn) for sub in learn.subs)
         self._n_epochs, self._done, self._epoch, self._stale = learn.n_epochs, 0, None, False
         self._fit_start = time.monotonic()
         self._view = None
         if learn.engine.rank == 0:  # under DDP only rank 0 shows bars, table and plot
             kind = _pick_display(self.display)
             if kind == "notebook":
-                self._view = _NotebookView(self._n_epochs, table=self._hooked is not None, plot=self.plot)
+                self._view = _NotebookView(self._n_epochs, table=self._table, plot=self.plot)
             else:
                 self._view = _TerminalView(self._n_epochs) if kind == "terminal" else _TextView(self._n_epochs)
 
@@ -200,7 +199,12 @@ class ProgressS(Subscriber):
                 self._bar.show(self._seen, float(learn.loss.detach()))
 
     def after_epoch(self, learn: Any) -> None:
-        """Count the epoch as done after its last pass."""
+        """Show the pass's logged values as a row (`learn.logs`), and count the epoch as done
+        after its last pass."""
+        prefix = f"{learn.mode}/"
+        values = {name[len(prefix):]: value for name, value in learn.logs.items() if name.startswith(prefix)}
+        if values:
+            self.write_row({"epoch": learn.epoch, "mode": learn.mode, **values})
         if learn.mode != "train" or not getattr(learn, "fit_valid", True):
             self._done = learn.epoch + 1
 
@@ -214,21 +218,17 @@ class ProgressS(Subscriber):
         self._pending, self._pending_steps, self._valid_row_loss = [], [], None
 
     def cleanup_fit(self, learn: Any) -> None:
-        """Close any open bar, show the final state and give `learn.metrics` its own sink back."""
+        """Close any open bar and show the final state."""
         self._close_bar()
         self._draw_plot()  # what a cancelled or failed epoch collected
         if self._view is not None:
             self._view.close(self._done, time.monotonic() - self._fit_start)
             self._view = None
-        if self._hooked is not None:
-            metrics, sink = self._hooked
-            metrics.sink = sink
-            self._hooked = None
 
     # ----- the table ---------------------------------------------------------------------------------
 
     def write_row(self, row: dict[str, Any]) -> None:
-        """Keep a metrics row and show it (the `MetricsS` sink while a fit runs)."""
+        """Keep a row of logged values (`{'epoch', 'mode', 'loss', ...}`) and show it."""
         self.rows.append(dict(row))
         if row.get("mode", "train") != "train" and "loss" in row:
             self._valid_row_loss = float(row["loss"])

@@ -7,7 +7,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from nntrain.learner import Subscriber, loader_length
+from nntrain.checks import loader_length
+from nntrain.events import Subscriber, declared
 from nntrain.schedules import OneCycle
 
 __all__ = ["SchedulerS", "fit_one_cycle"]
@@ -142,7 +143,7 @@ def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.2
         raise TypeError(f"fit_one_cycle needs a training loader with a length (to know the steps); "
                         f"{type(train).__name__} has none: use fit with a SchedulerS")
     subs = list(fit_kwargs.pop("subs", ()))
-    every = max([int(getattr(s, "steps_every", 1)) for s in [*learn.subs, *subs]]
+    every = max([int(declared(s, "steps_every")) for s in [*learn.subs, *subs]]
                 + [int(fit_kwargs.get("accumulate_grad_batches", 1))])
     total = epochs * math.ceil(len(train) / every)
     OneCycle(_Groups(), max(total, 1), lr_max, pct_start, div, div_final, moms)  # check the arguments now

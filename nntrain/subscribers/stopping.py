@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nntrain.learner import CancelFitException, Subscriber
+from nntrain.events import CancelFitException, Subscriber, declared
 
 __all__ = ["Monitor", "EarlyStoppingS", "SaveBestS", "monitored_value"]
 
@@ -49,22 +49,16 @@ class Monitor:
 def check_monitored(learn: Any, name: str, who: str) -> None:
     """Before the fit: raise when no subscriber logs `name` (subscribers declare what they log
     with `logged_names(learn)`), naming what is logged."""
-    names: set[str] = set()
-    declared = False
-    for sub in learn.subs:
-        logged_names = getattr(sub, "logged_names", None)
-        if callable(logged_names):
-            declared = True
-            names.update(logged_names(learn))
-    if not declared:
+    names = {logged for sub in learn.subs for logged in declared(sub, "logged_names")(learn)}
+    if not names:
         raise ValueError(f"{who} monitors {name!r}, but no subscriber logs values: attach a MetricsS")
     if name not in names:
         raise ValueError(f"{who} monitors {name!r}, which is not logged in this fit; logged: {sorted(names)}")
 
 
 def monitored_value(learn: Any, name: str) -> float:
-    """The value of `name` logged for this epoch."""
-    return float(learn.engine.logged[name])
+    """The value of `name` logged for this epoch (`learn.logs`)."""
+    return float(learn.logs[name])
 
 
 def _epoch_done(learn: Any) -> bool:

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nntrain.learner import Subscriber, get_lr
+from nntrain.events import Subscriber, declared
+from nntrain.logs import make_log_dir
+from nntrain.optim import get_lr
 
 __all__ = ["TensorBoardS", "BATCH_LOSS", "BATCH_LR", "epoch_tag", "make_log_dir", "next_version_dir"]
 
@@ -27,22 +29,6 @@ _VERSION = re.compile(r"^version_(\d+)$")
 def epoch_tag(mode: str, name: str) -> str:
     """Tag of a `MetricsS` value: `epoch/train_loss`, `epoch/valid_accuracy`; step = epoch."""
     return f"epoch/{mode}_{name}"
-
-
-def make_log_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the directory `path` (and its parents) if needed and return it.
-
-    Raises:
-        OSError: it cannot be created or is not writable; the message names the path.
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create the TensorBoard log directory '{path}': {exc.strerror or exc}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OSError(f"the TensorBoard log directory '{path}' is not writable")
-    return path
 
 
 def next_version_dir(root: str | os.PathLike[str]) -> Path:
@@ -153,17 +139,14 @@ class TensorBoardS(Subscriber):
         self._lrs.append(get_lr(learn.opt))
 
     def after_epoch(self, learn: Any) -> None:
-        """Write this epoch's `MetricsS` row (its values are Python floats already)."""
-        metrics = getattr(learn, "metrics", None)
-        if self._writer is None or metrics is None:
+        """Write the values logged for this pass (`learn.logs`: Python floats already)."""
+        if self._writer is None:
             return
         mode = learn.mode
-        row = metrics.last
-        if row is None or row["epoch"] != learn.epoch or row["mode"] != mode:
-            return
-        for name, value in row.items():
-            if name not in ("epoch", "mode") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(epoch_tag(mode, name), value, learn.epoch)
+        prefix = f"{mode}/"
+        for name, value in learn.logs.items():
+            if name.startswith(prefix) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(epoch_tag(mode, name[len(prefix):]), value, learn.epoch)
 
     def cleanup_epoch(self, learn: Any) -> None:
         """Write the epoch's buffered batches (one host copy) and flush the event file."""
@@ -202,11 +185,8 @@ class TensorBoardS(Subscriber):
 
     def _declared_metrics(self, learn: Any) -> dict[str, float]:
         """The epoch tags the HParams dashboard shows as metrics (only the names are used)."""
-        metrics = getattr(learn, "metrics", None)
-        if metrics is None:
-            return {}
-        names = ["loss", *metrics.metrics]
-        return {epoch_tag(mode, name): 0.0 for mode in ("train", "valid") for name in names}
+        names = [name for sub in learn.subs for name in declared(sub, "logged_names")(learn)]
+        return {epoch_tag(*name.split("/", 1)): 0.0 for name in names if "/" in name}
 
     def _write_batches(self) -> None:
         if not self._losses:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.checkpoint import latest_checkpoint
+from nntrain.checkpoint_state import latest_checkpoint
 from nntrain.data import ResumableDataLoader
 from nntrain.learner import CancelBatchException, CancelEpochException, CancelFitException, Learner, Subscriber
 from nntrain.subscribers.checkpoint import CheckpointS

@@ -251,16 +251,17 @@ def test_plot_data_on_the_lightning_engine():
 @pytest.mark.parametrize("display", ["auto", "terminal", "notebook"])
 def test_only_rank_zero_shows_anything(capsys, monkeypatch, display):
     """Under DDP every rank runs the subscribers; a non-zero rank shows no bar, table or plot."""
-    from nntrain.learner import NativeEngine
+    from nntrain.engines import ENGINES, NativeEngine, register_engine
 
     class RankOne(NativeEngine):
         rank = 1
 
     monkeypatch.setattr(progress_module, "_NotebookView", None)  # would fail if it were made
+    monkeypatch.setitem(ENGINES, "rank-one", RankOne)
     metrics, progress = MetricsS(accuracy=batch_accuracy), ProgressS(plot=True, display=display)
     learn = make_learner([metrics, progress])
-    learn.engine = RankOne()
-    learn.fit(1)
+    register_engine("rank-one", RankOne)
+    learn.fit(1, engine="rank-one")
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     assert [(r["epoch"], r["mode"]) for r in progress.rows] == [(0, "train"), (0, "valid")]  # kept, not shown

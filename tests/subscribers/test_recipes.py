@@ -99,7 +99,7 @@ def test_the_lightning_flags_give_the_subscribers_numbers():
             learn.fit(2, engine=engine, **kwargs)
             runs[engine] = learn
         n, lt = runs["native"], runs["lightning"]
-        assert n.metrics.history == lt.metrics.history, flags
+        assert n.subs[0].history == lt.subs[0].history, flags
         assert all(torch.equal(a, b) for a, b in zip(n.model.parameters(), lt.model.parameters())), flags
         assert n.global_step == lt.global_step, flags
 
