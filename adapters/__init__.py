@@ -5,10 +5,20 @@ learner's subscribers, for a Trainer you build; `learn.fit(epochs, engine="light
 **trainer_kwargs)` does it for you (through `LightningRunner`). `HOOK_TABLE` is the whole Lightning-to-nntrain mapping.
 """
 
-from nntrain.adapters.callback import HOOK_TABLE, STEP_TABLE, LearnerCallback, hook_table_markdown
+from nntrain.adapters.callback import (
+                                  HOOK_TABLE,
+                                  STEP_TABLE,
+                                  LearnerCallback,
+                                  hook_table_markdown,
+)
 from nntrain.adapters.engine import REFUSED_CALLBACKS, LightningEngine
-from nntrain.adapters.fit import (UNSUPPORTED_TRAINER_OPTIONS, LightningRunner, model_device, to_lightning,
-                                  trainer_defaults)
+from nntrain.adapters.fit import (
+                                  UNSUPPORTED_TRAINER_OPTIONS,
+                                  LightningRunner,
+                                  model_device,
+                                  to_lightning,
+                                  trainer_defaults,
+)
 from nntrain.adapters.module import ForeignOptimizer, LearnerModule
 
 __all__ = [

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from nntrain.checkpoint_state import capture, load_subscriber_states, set_grads
+from nntrain.checkpoint_state import set_grads
 from nntrain.checks import check_batch_structure
 from nntrain.engines import NativeEngine
 from nntrain.optim import set_lr
@@ -222,6 +222,8 @@ class LearnerCallback(L.Callback):
         give_back_trainer_recipes(trainer, self.module.taken_flags)
         self.module.taken_flags = {}
         if stage == "fit" and self.module.results_path is not None and trainer.is_global_zero:
+            from nntrain.adapters.results import save_results
+
             save_results(learn, self.module.results_path)  # a spawned rank 0: for the caller's learner
         learn.engine.close()
         learn.engine = NativeEngine()
@@ -396,24 +398,3 @@ def _restore_dtypes(model: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
                 t.data = t.data.to(dtype)
                 if isinstance(t, torch.nn.Parameter) and t.grad is not None:
                     t.grad = t.grad.to(dtype)
-
-
-def save_results(learn: Any, path: str) -> None:
-    """What a fit leaves in the learner besides the weights (the learner state and the optimizer
-    state), written by rank 0 of processes Lightning started, for `load_results` in the caller."""
-    opt = learn.opt
-    torch.save({"state": capture(learn, learn.epoch, None),
-                "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None}, path)
-
-
-def load_results(learn: Any, path: str) -> None:
-    """Give the caller's learner what `save_results` wrote: `global_step`, gradients, subscriber
-    states (`MetricsS.history`, an LR finder's records) and the optimizer state."""
-    results = torch.load(path, weights_only=True)
-    state = results["state"]
-    learn.global_step = state["global_step"]
-    learn.epoch = state["position"]["epoch"]  # the caller's learner ran no scope: the spawned fit's last epoch
-    set_grads(learn.model, state["grads"])
-    load_subscriber_states(learn.subs, state["subs"])
-    if results["optimizer"] is not None and hasattr(learn.opt, "load_state_dict"):
-        learn.opt.load_state_dict(results["optimizer"])

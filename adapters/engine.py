@@ -146,10 +146,12 @@ class LightningEngine:
             with warnings.catch_warnings():  # our own call: "logger=True but no logger configured"
                 warnings.filterwarnings("ignore", ".*no logger configured.*")
                 for name, value in values.items():
-                    self.module.log(name, value, on_step=False, on_epoch=True, sync_dist=sync, logger=True)
+                    self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
+                                    logger=True, batch_size=1)
             return
         for name, value in values.items():
-            self.module.log(name, value, on_step=False, on_epoch=True, sync_dist=sync, logger=False)
+            self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
+                            logger=False, batch_size=1)
         loggers = [lg for lg in self.trainer.loggers if lg not in self.claimed]
         if loggers and self.rank == 0:
             step = self.trainer.global_step
@@ -186,3 +188,9 @@ class LightningEngine:
         if logger is not None and logger not in self.claimed:
             self.claimed.append(logger)
         return logger
+
+
+def _exact(value: float) -> torch.Tensor:
+    """A logged value as a float64 tensor: Lightning keeps its dtype, so `trainer.validate`,
+    `trainer.test` and `callback_metrics` hold the native value, not a float32 rounding of it."""
+    return torch.tensor(value, dtype=torch.float64)

@@ -12,18 +12,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-
-from nntrain.adapters.callback import LearnerCallback, load_results
+from nntrain.adapters.callback import LearnerCallback
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
+from nntrain.adapters.results import load_results
+from torch import nn
+
 from nntrain.checkpoint import CheckpointError
-from nntrain.checkpoint_state import ResumePlan
 from nntrain.devices import model_device
 from nntrain.engines import collate_preds
 from nntrain.events import Subscriber, declared, subscriber_engines
 from nntrain.learner import Learner
 from nntrain.logs import make_log_dir, quiet_loggers
+from nntrain.resume import ResumePlan
 
 __all__ = ["to_lightning", "LightningRunner", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
@@ -242,7 +243,9 @@ def _spawned_results(trainer: L.Trainer, module: LearnerModule) -> Iterator[None
     """When Lightning runs the fit in processes it starts (`ddp_spawn`, `ddp_fork`), rank 0 writes
     what the fit leaves in the learner to a temporary file and the caller's learner loads it,
     as a `ddp` run leaves it on rank 0 (Lightning itself brings back only the weights)."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    from lightning.pytorch.strategies.launchers.multiprocessing import (
+        _MultiProcessingLauncher,
+    )
 
     if not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
         yield

@@ -14,10 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from nntrain.checkpoint_state import CHECKPOINT_ENTRY, ResumePlan, capture
+from nntrain.checkpoint_state import CHECKPOINT_ENTRY, capture
 from nntrain.checks import check_batch_structure
 from nntrain.learner import Learner
 from nntrain.optim import get_lr, set_lr
+from nntrain.resume import ResumePlan
 from nntrain.rng import rng_state
 
 __all__ = ["LearnerModule", "ForeignOptimizer", "CHECKPOINT_KEY", "loader_cannot_resume", "shards_parameters",

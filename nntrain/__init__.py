@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports these
     from nntrain.checkpoint import CheckpointError, save_checkpoint
     from nntrain.checkpoint_state import latest_checkpoint, load_checkpoint
-    from nntrain.data import DataLoaders, ResumableDataLoader, digits_dataset_dict, hf_ds_collate_fn, load_dataset_dict
+    from nntrain.data import (
+        DataLoaders,
+        ResumableDataLoader,
+        digits_dataset_dict,
+        hf_ds_collate_fn,
+        load_dataset_dict,
+    )
     from nntrain.events import (
         EVENTS,
         CancelBatchException,

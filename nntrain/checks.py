@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "check_fit_args",
     "announce_resume",
     "loader_length",
+    "check_loaders",
 ]
 
 
@@ -144,3 +145,16 @@ def loader_length(dl: Any) -> int | None:
         return len(dl)
     except TypeError:
         return None
+
+
+def check_loaders(dls: Any) -> None:
+    """Raise before a fit for a training loader that is empty, or a loader that would be used up
+    after one pass (an iterator or generator)."""
+    if loader_length(dls.train) == 0:
+        raise ValueError("the training loader is empty (len(dls.train) == 0): check the dataset and that "
+                         "batch_size is not larger than the dataset with drop_last=True")
+    for name, dl in (("train", dls.train), ("valid", dls.valid)):
+        if isinstance(dl, Iterator):  # a generator or iterator: used up after one pass
+            raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
+                            f"pass and the next epochs would train on nothing; give a DataLoader or another "
+                            f"object that can be iterated again")

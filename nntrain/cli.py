@@ -142,7 +142,13 @@ def _recipe_subs(args: argparse.Namespace) -> list[Any]:
     """The subscribers the recipe options ask for (`MixedPrecisionS`, `GradClipS`, ...)."""
     import torch
 
-    from nntrain.subscribers import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SaveBestS
+    from nntrain.subscribers import (
+        EarlyStoppingS,
+        GradAccumS,
+        GradClipS,
+        MixedPrecisionS,
+        SaveBestS,
+    )
 
     subs: list[Any] = []
     if args.precision != "32":
@@ -196,7 +202,9 @@ def _device(name: str) -> torch.device:
 
 def _quiet_lightning() -> None:
     """Keep the epoch table readable: Lightning's banner and hints are not the user's business here."""
-    from lightning.pytorch.utilities.warnings import PossibleUserWarning  # importing sets Lightning's log level
+    from lightning.pytorch.utilities.warnings import (
+        PossibleUserWarning,  # importing sets Lightning's log level
+    )
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=PossibleUserWarning)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nntrain.rng import rng_state, set_rng_state
 from nntrain.logs import quiet_loggers
+from nntrain.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:  # datasets and PIL are imported where they are used: `import nntrain` stays fast
     import datasets

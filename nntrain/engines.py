@@ -14,10 +14,11 @@ from typing import Any, Protocol
 
 import torch
 
+from nntrain.checkpoint_state import native_checkpoint
 from nntrain.checks import check_batch_structure, loader_length
-from nntrain.checkpoint_state import ResumePlan, native_checkpoint, resumed_batches
 from nntrain.devices import model_device, to_device
 from nntrain.events import CancelException, subscriber_engines
+from nntrain.resume import ResumePlan, resumed_batches
 
 __all__ = ["Engine", "Runner", "NativeEngine", "ENGINES", "register_engine", "resolve_engine", "collate_preds"]
 

@@ -8,7 +8,7 @@ under Lightning); the events and their scopes are `nntrain.events` and `nntrain.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,12 +22,13 @@ from nntrain.checks import (
     announce_resume,
     check_batch_structure,
     check_fit_args,
+    check_loaders,
     check_lr,
     loader_length,
     split_batch,
 )
+from nntrain.devices import model_device
 from nntrain.dispatch import Dispatcher
-from nntrain.devices import model_device, to_device
 from nntrain.engines import NativeEngine, collate_preds, resolve_engine
 from nntrain.events import (
     EVENTS,
@@ -40,6 +41,7 @@ from nntrain.events import (
     check_subscribers,
 )
 from nntrain.optim import get_lr, set_lr
+from nntrain.verbs import LearnerVerbs
 
 __all__ = [
     "Learner",
@@ -60,14 +62,15 @@ __all__ = [
 ]
 
 
-class Learner:
+class Learner(LearnerVerbs):
     """Trains `model` on `dls` with `loss_fn` and an optimizer made by `optim_class(params, lr)`.
 
     Every field of the learner state is set in `__init__`, in one block, with what it holds.
     The loop position fields are written only by the `Dispatcher`'s scopes, which both engines
     drive; subscribers read them, and may replace `batch`, `preds`, `loss` and `loss_grad`.
     The step is made of the overridable methods `predict`, `get_loss`, `backward`, `step`,
-    `zero_grad`; both engines call them.
+    `zero_grad`; both engines call them. The verbs beyond `fit` (`lr_find`, `fit_one_cycle`,
+    `save`, `load`, `infer`) come from `nntrain.verbs.LearnerVerbs`.
     """
 
     def __init__(
@@ -278,17 +281,7 @@ class Learner:
         The optimizer is made on the first fit and kept afterwards (its state survives between
         fits); `lr` sets the learning rate for this fit and the ones after it.
         """
-        train = self.dls.train
-        if loader_length(train) == 0:
-            raise ValueError(
-                "the training loader is empty (len(dls.train) == 0): check the dataset and that "
-                "batch_size is not larger than the dataset with drop_last=True"
-            )
-        for name, dl in (("train", train), ("valid", self.dls.valid)):
-            if isinstance(dl, Iterator):  # a generator or iterator: used up after one pass
-                raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
-                                f"pass and the next epochs would train on nothing; give a DataLoader or another "
-                                f"object that can be iterated again")
+        check_loaders(self.dls)
         if self.opt is None:
             self.create_opt(lr)
         elif lr is not None:
@@ -398,8 +391,6 @@ class Learner:
         if isinstance(self.preds, torch.Tensor):
             self.preds = self.preds.detach()
 
-    # ----- inference ----------------------------------------------------------------------------
-
     def predict_batch(self) -> tuple[torch.Tensor, Any]:
         """`predict` on `self.batch`; returns `(preds, targets or None)` (both engines' predict
         step). A bare tensor batch is the inputs alone."""
@@ -408,75 +399,6 @@ class Learner:
             batch = self.batch = (batch,)
         self.predict()
         return self.preds, self.split_batch(batch)[1]
-
-    def infer(self, x: torch.Tensor, single: bool = False) -> torch.Tensor:
-        """The model's output for new inputs `x`, in eval mode, without grad, on the model's device.
-
-        Args:
-            x: a batch of inputs (or one input with `single=True`).
-            single: `x` is one sample: add the batch dimension and remove it from the output.
-        """
-        x = to_device(x, model_device(self.model))
-        if single:
-            x = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                out = self.call_model(x)
-        finally:
-            self.model.train(was_training)
-        return out[0] if single else out
-
-    # ----- fastai's verbs ------------------------------------------------------------------------
-
-    def lr_find(self, start_lr: float = 1e-5, mult: float = 1.25, max_lr: float = 10.0,
-                max_epochs: int = 100, engine: str = "native", **trainer_kwargs: Any) -> Any:
-        """Run an `LRFindS` search and put the model and optimizer back as they were.
-
-        Returns:
-            The `LRFindS` with `.lrs`, `.losses`, `.plot()` and `.suggestion()`.
-        """
-        from nntrain.subscribers.lr_find import lr_find
-
-        return lr_find(self, start_lr=start_lr, mult=mult, max_lr=max_lr, max_epochs=max_epochs, engine=engine,
-                       **trainer_kwargs)
-
-    def fit_one_cycle(self, epochs: int, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
-                      div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-                      **fit_kwargs: Any) -> Any:
-        """`fit` with fastai's one-cycle schedule (a `SchedulerS` of `OneCycle`, stepped per
-        applied optimizer step): the lr rises from `lr_max/div` to `lr_max` over `pct_start` of
-        the steps and falls to `lr_max/div_final` (both halves cosine); where the optimizer has a
-        momentum (SGD's `momentum` > 0, Adam's beta1) it moves inversely through `moms`.
-        `fit_kwargs` go to `fit` (`engine="lightning"`, `subs`, `resume`, Trainer options).
-
-        Returns:
-            What `fit` returns.
-        """
-        from nntrain.subscribers.schedule import fit_one_cycle
-
-        return fit_one_cycle(self, epochs, lr_max, pct_start=pct_start, div=div, div_final=div_final, moms=moms,
-                             **fit_kwargs)
-
-    def save(self, path: str | os.PathLike, with_opt: bool = True) -> Any:
-        """Write the model's weights (and the optimizer state) to `path` atomically; returns the path.
-        `load` reads it back; a `SaveBestS` file is one too."""
-        from nntrain.weights import save_weights
-
-        return save_weights(self, path, with_opt=with_opt)
-
-    def load(self, path: str | os.PathLike, with_opt: bool = True, strict: bool = True) -> None:
-        """Load weights (and the optimizer state, when the file has it and `with_opt`) written by
-        `save`, `SaveBestS` or a native checkpoint.
-
-        Raises:
-            CheckpointError: the file is missing, unreadable or holds no model weights.
-        """
-        from nntrain.weights import load_weights
-
-        load_weights(self, path, with_opt=with_opt, strict=strict)
-
 
 class MomentumLearner(Learner):
     """A `Learner` whose `zero_grad` keeps `mom * grad` instead of zeroing: gradients with momentum."""

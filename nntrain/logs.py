@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 __all__ = ["quiet_loggers", "make_log_dir"]
 

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nntrain.learner import EVENTS, Subscriber
 
-
 BATCH_EVENTS = frozenset(
     ("before_batch", "after_predict", "after_loss", "before_backward", "after_backward", "before_step", "after_step",
      "after_batch", "cleanup_batch")

@@ -16,11 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.checkpoint import CheckpointError, list_checkpoints, prune_checkpoints, save_checkpoint
+from nntrain.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from nntrain.checkpoint_state import FORMAT, latest_checkpoint, load_checkpoint
-from nntrain.rng import rng_state, set_rng_state
 from nntrain.learner import CancelFitException, Learner, MomentumLearner, Subscriber
-from nntrain.subscribers import CheckpointS, MetricsS, NanGuardS, ProgressS, TensorBoardS
+from nntrain.rng import rng_state, set_rng_state
+from nntrain.subscribers import (
+    CheckpointS,
+    MetricsS,
+    NanGuardS,
+    ProgressS,
+    TensorBoardS,
+)
 from nntrain.subscribers.checkpoint import NonFiniteWeightsError
 from nntrain.subscribers.guard import NonFiniteLossError
 from nntrain.subscribers.metrics import batch_accuracy
@@ -436,7 +447,7 @@ def test_a_ddp_checkpoint_gives_each_rank_its_own_state_and_refuses_another_rank
     """`ResumePlan.read` of a Lightning checkpoint with `ranks`: rank r gets rank r's subscriber
     states and RNG; inside an epoch another number of ranks is refused, at an epoch's end rank 0's
     states serve any number."""
-    from nntrain.checkpoint_state import ResumePlan
+    from nntrain.resume import ResumePlan
 
     def state(iter_):
         ranks = [{"subs": {"MetricsS": {"seen": 8 * r}}, "rng": {"r": r}} for r in range(2)]
@@ -456,7 +467,7 @@ def test_a_ddp_checkpoint_gives_each_rank_its_own_state_and_refuses_another_rank
 def test_the_format_version_is_checked_and_format_2_keys_are_read(tmp_path):
     """A file of a newer format is refused naming the versions; format 2's `"<Class>#<k>"`
     subscriber keys are read as format 3's state keys (the class name, `#k` from the second on)."""
-    from nntrain.checkpoint_state import ResumePlan
+    from nntrain.resume import ResumePlan
 
     entry = {"grads": [], "global_step": 6, "position": {"epoch": 1, "iter": None}, "rng": {}, "epoch_rng": None,
              "subs": {"MetricsS#0": {"seen": 1}, "MetricsS#1": {"seen": 2}}}

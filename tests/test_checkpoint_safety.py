@@ -15,7 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import nntrain.checkpoint as ckpt
-from nntrain import CheckpointError, CheckpointS, GradAccumS, Learner, MetricsS, Subscriber
+from nntrain import (
+    CheckpointError,
+    CheckpointS,
+    GradAccumS,
+    Learner,
+    MetricsS,
+    Subscriber,
+)
 from nntrain.checkpoint import DirectoryLock, atomic_write, list_checkpoints
 from nntrain.checkpoint_state import latest_checkpoint, load_checkpoint
 from nntrain.subscribers.checkpoint import NonFiniteWeightsError

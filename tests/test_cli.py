@@ -23,8 +23,15 @@ import torch
 from PIL import Image
 
 import nntrain
-from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, SchedulerS, data
-from nntrain import cli
+from nntrain import (
+    EarlyStoppingS,
+    GradAccumS,
+    GradClipS,
+    MixedPrecisionS,
+    SchedulerS,
+    cli,
+    data,
+)
 from nntrain.cli import _recipe_subs, build_parser, main, make_model
 from nntrain.learner import Learner, Subscriber
 

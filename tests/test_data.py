@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
-
 from torch.utils.data import DataLoader
 
 from nntrain.data import (

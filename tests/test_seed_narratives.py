@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nntrain.data import DataLoaders, TensorPairDataset, digits_dataset_dict, pre_batched_collate
+from nntrain.data import (
+    DataLoaders,
+    TensorPairDataset,
+    digits_dataset_dict,
+    pre_batched_collate,
+)
 from nntrain.learner import Learner, MomentumLearner
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
 from tests.helpers import BasicOptim

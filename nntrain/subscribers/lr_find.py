@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from nntrain.events import CancelEpochException, CancelFitException, Subscriber, declared
+from nntrain.events import (
+    CancelEpochException,
+    CancelFitException,
+    Subscriber,
+    declared,
+)
 from nntrain.optim import get_lr, set_lr
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrain` stays fast
@@ -247,7 +252,7 @@ class LRFindS(Subscriber):
         if suggest and prefix >= 2:
             marks = [(name, _suggest_index(self.lrs, self.losses, name, beta)[0]) for name in methods]
         if ax is None:
-            from nntrain.subscribers.progress import notebook_figure
+            from nntrain.display import notebook_figure
 
             ax = notebook_figure((6, 4)).add_subplot()
             found = ", ".join(f"{name} {self.lrs[idx]:.2e}" for name, idx in marks)

@@ -92,7 +92,7 @@ class SchedulerS(Subscriber):
             The matplotlib Figure drawn on.
         """
         if ax is None:
-            from nntrain.subscribers.progress import notebook_figure
+            from nntrain.display import notebook_figure
 
             ax = notebook_figure((6, 3.5)).add_subplot()
             peak = f", peak lr {max(self.lrs):.3g}" if self.lrs else ""

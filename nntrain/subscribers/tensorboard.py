@@ -121,7 +121,9 @@ class TensorBoardS(Subscriber):
         else:
             root = self.root / self.name if self.name else self.root
             self.log_dir = next_version_dir(root)
-            from torch.utils.tensorboard import SummaryWriter  # imported when used: `import nntrain` stays fast
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # imported when used: `import nntrain` stays fast
+            )
 
             self._writer, self._owns_writer = SummaryWriter(log_dir=str(self.log_dir)), True
         file_writer = self._writer._get_file_writer()  # as Lightning's log_hyperparams does

@@ -31,12 +31,18 @@ from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.checkpoint_state import latest_checkpoint
 from nntrain.data import ResumableDataLoader
-from nntrain.learner import CancelBatchException, CancelEpochException, CancelFitException, Learner, Subscriber
+from nntrain.learner import (
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    Learner,
+    Subscriber,
+)
 from nntrain.subscribers.checkpoint import CheckpointS
 from nntrain.subscribers.gradients import GradAccumS
+from nntrain.subscribers.metrics import MetricsS, batch_accuracy
 from nntrain.subscribers.schedule import SchedulerS
 from nntrain.subscribers.stopping import EarlyStoppingS
-from nntrain.subscribers.metrics import MetricsS, batch_accuracy
 from tests.helpers import Recorder, tiny_data, tiny_model
 
 NODES = dict(engine="lightning", strategy="ddp", accelerator="cpu", num_nodes=2, devices=1)

@@ -15,10 +15,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-
 from nntrain.adapters import to_lightning, trainer_defaults
+
 from nntrain.checkpoint import CheckpointError, list_checkpoints
-from nntrain.checkpoint_state import ResumePlan, is_lightning_checkpoint, load_checkpoint
+from nntrain.checkpoint_state import is_lightning_checkpoint, load_checkpoint
+from nntrain.resume import ResumePlan
 from nntrain.subscribers import CheckpointS
 from tests.test_checkpoint import EPOCHS, StopAt, assert_same, make
 

@@ -10,15 +10,22 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import (BackboneFinetuning, BatchSizeFinder, LearningRateFinder, LearningRateMonitor,
-                                         ModelCheckpoint, StochasticWeightAveraging, TQDMProgressBar)
+from lightning.pytorch.callbacks import (
+    BackboneFinetuning,
+    BatchSizeFinder,
+    LearningRateFinder,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.tuner import Tuner
+from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from nntrain.learner import Learner, MomentumLearner
 from nntrain.subscribers.metrics import MetricsS
 from nntrain.subscribers.tensorboard import TensorBoardS

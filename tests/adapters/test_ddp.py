@@ -21,7 +21,13 @@ from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
-from tests.adapters.ddp_nodes import CRASH_AT, recipe_learner, reference_dls, reference_learner, weights
+from tests.adapters.ddp_nodes import (
+    CRASH_AT,
+    recipe_learner,
+    reference_dls,
+    reference_learner,
+    weights,
+)
 from tests.helpers import retry_on_worker_abort, tiny_model
 
 DDP = dict(engine="lightning", strategy="ddp_spawn", accelerator="cpu", devices=2)
@@ -218,8 +224,8 @@ def test_a_sharding_strategy_gets_an_optimizer_like_the_learners_over_the_wrappe
     from functools import partial
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-
     from nntrain.adapters.module import optimizer_over, shards_parameters
+
     from tests.helpers import BasicOptim
 
     assert shards_parameters(FSDPStrategy()) and not shards_parameters(DDPStrategy())

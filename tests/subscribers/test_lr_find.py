@@ -17,8 +17,16 @@ from matplotlib.figure import Figure
 
 import nntrain.subscribers.lr_find as lr_find_module
 from nntrain.learner import Learner, MomentumLearner
-from nntrain.subscribers.lr_find import (LRFindS, _mean_over_ranks, plot_ylim, smooth, smooth_centered, steepest,
-                                        suggestion, valley)
+from nntrain.subscribers.lr_find import (
+    LRFindS,
+    _mean_over_ranks,
+    plot_ylim,
+    smooth,
+    smooth_centered,
+    steepest,
+    suggestion,
+    valley,
+)
 from tests.helpers import Recorder, tiny_dls, tiny_model
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +18,12 @@ from torcheval.metrics import MulticlassAccuracy
 from torcheval.metrics.functional import multiclass_accuracy
 
 from nntrain.learner import CancelEpochException, Learner, Subscriber
-from nntrain.subscribers.metrics import MetricAccumulator, MetricsS, batch_accuracy, format_row
+from nntrain.subscribers.metrics import (
+    MetricAccumulator,
+    MetricsS,
+    batch_accuracy,
+    format_row,
+)
 from tests.helpers import retry_on_worker_abort, tiny_data, tiny_dls, tiny_model
 
 N_CLASSES = 3

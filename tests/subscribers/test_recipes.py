@@ -4,7 +4,6 @@ best-model keeping behave as Lightning's; a run with them resumes exactly."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import lightning as L
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.precision import MixedPrecision
+from nntrain.adapters import to_lightning
 from torcheval.metrics import MulticlassAccuracy
 
 from nntrain import (
@@ -30,7 +30,6 @@ from nntrain import (
     SchedulerS,
     Subscriber,
 )
-from nntrain.adapters import to_lightning
 from nntrain.schedules import one_cycle
 from nntrain.subscribers.stopping import Monitor
 from nntrain.testing import assert_engines_agree

@@ -21,7 +21,13 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from nntrain.learner import Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
-from nntrain.subscribers.tensorboard import BATCH_LOSS, BATCH_LR, TensorBoardS, epoch_tag, next_version_dir
+from nntrain.subscribers.tensorboard import (
+    BATCH_LOSS,
+    BATCH_LR,
+    TensorBoardS,
+    epoch_tag,
+    next_version_dir,
+)
 from tests.helpers import Recorder, tiny_dls, tiny_model
 
 ENGINES = ("native", "lightning")
