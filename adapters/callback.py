@@ -1,7 +1,7 @@
 """`LearnerCallback`: the one Lightning Callback that drives a learner's `Dispatcher`.
 
 `HOOK_TABLE` is the whole mapping from Lightning hooks to nntrain scopes; the callback's hook
-methods only look their row up. The README's hook table is generated from it (a test checks).
+methods only look their row up. The docs' Lightning page shows the table this module generates (a test checks).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from nntrain.checkpoint_state import set_grads
 from nntrain.checks import check_batch_structure
 from nntrain.engines import NativeEngine
+from nntrain.events import declared
 from nntrain.optim import set_lr
 from nntrain.rng import set_rng_state
 
@@ -69,7 +70,7 @@ _SCOPE_EVENTS = {"fit": "before_fit / after_fit, cleanup_fit", "epoch": "before_
 
 
 def hook_table_markdown() -> str:
-    """The README's table of Lightning hooks and the nntrain events they fire."""
+    """The docs' table of Lightning hooks and the nntrain events they fire."""
     lines = ["| Lightning hook | drives |", "|---|---|"]
     for hook, actions in HOOK_TABLE.items():
         lines.append(f"| `{hook}` | " + "; ".join(" ".join(a) for a in actions) + " |")
@@ -190,9 +191,13 @@ class LearnerCallback(L.Callback):
                              "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
         refuse_unsupported(trainer, stage)
         learn.engine = LightningEngine(module, trainer)
-        learn.dispatch.set_subs([*self.subs, *module.recipe_subs])
+        flags = {"gradient clipping": "gradient_clip_val", "gradient accumulation": "accumulate_grad_batches"}
+        origins = {id(sub): f"from the Trainer's {flag}={module.taken_flags[flag]}" for sub in module.recipe_subs
+                   if (flag := flags.get(declared(sub, "role"), "")) in module.taken_flags}
+        learn.dispatch.set_subs([*self.subs, *module.recipe_subs], origins)
         learn.dispatch.reset(propagate=False, agree=learn.engine.agree_cancel if trainer.world_size > 1 else None)
         self._reopen, self._skip = False, 0
+        self._lrs: list[float] | None = None  # the lrs a resume set before Lightning restores its optimizer
         if stage == "fit" and trainer.world_size > 1:
             module.agree_on_resume()
         self._saved = {
@@ -256,6 +261,8 @@ class LearnerCallback(L.Callback):
             dispatch.resume = plan
         dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),
                           plan.start_epoch if plan is not None else 0)
+        if plan is not None and plan.lightning and not plan.inside_epoch and module.fit_lr is not None:
+            self._lrs = [group["lr"] for group in learn.opt.param_groups]  # fit's lr, or a schedule's from it
         if plan is not None and plan.inside_epoch and not plan.lightning:
             set_rng_state(plan.epoch_rng)  # the resumed epoch's order, before Lightning makes the loader's iterator
 
@@ -353,8 +360,12 @@ class LearnerCallback(L.Callback):
         learn.model.train()
         learn.opt = module.optimizers()
         plan = learn.resume_plan
-        if module.fit_lr is not None and plan is not None:  # Lightning restored the saved lr
-            set_lr(learn.opt, module.fit_lr)
+        if module.fit_lr is not None and plan is not None and plan.lightning:  # Lightning restored the saved lr
+            if self._lrs is not None:  # the fit's lr, as the resumed states left it (a schedule's)
+                for group, lr in zip(learn.opt.param_groups, self._lrs):
+                    group["lr"] = lr
+            else:  # the resumed states come at the first batch, over the fit's lr
+                set_lr(learn.opt, module.fit_lr)
         if plan is None:
             set_grads(learn.model, self._saved["grads"])
             return

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "ResumeRefused",
     "PATTERN",
     "atomic_write",
     "DirectoryLock",
@@ -41,6 +42,12 @@ SUFFIXES = (".pt", ".ckpt")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used: unreadable, truncated, incomplete or for another model."""
+
+
+class ResumeRefused(ValueError):
+    """A subscriber refuses to continue a saved run the way this fit asks (its `load_state_dict`
+    raises it; the message says what to change). Passed on as it is, not as a `CheckpointError`."""
+
 
 def checkpoint_name(global_step: int, epoch: int, iter_: int | None, suffix: str = ".pt") -> str:
     """File name sorting in training order: by step, then epoch, then batch (`end` after batches)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nntrain.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from nntrain.checkpoint import CheckpointError, ResumeRefused, list_checkpoints, read_checkpoint
 from nntrain.events import declared
 from nntrain.rng import rng_state
 
@@ -44,8 +44,9 @@ Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a
 - `format`: this layout's version (`FORMAT`).
 - `grads`: each parameter's `.grad` (None or a tensor), in `model.parameters()` order.
 - `global_step`: optimizer steps taken.
-- `position`: `{"epoch": e, "iter": i}`, the last trained batch `i` of epoch `e`, or `i` None
-  at the end of epoch `e` (after its training pass, and validation if any).
+- `position`: `{"epoch": e, "iter": i, "finished": f}`, the last trained batch `i` of epoch `e`,
+  or `i` None at the end of epoch `e` (after its training pass, and validation if any); `f`: a
+  subscriber ended the run there (`learn.finished`, an early stop), so a resume trains nothing.
 - `rng`: `rng_state()` at the save; `epoch_rng`: at the start of epoch `e`'s training pass
   (None at an epoch's end or where the loader keeps its own order, Lightning).
 - `subs`: each subscriber's `state_dict()` by its `state_key` (see `state_keys`).
@@ -240,6 +241,8 @@ def load_subscriber_states(subs: list[Any], states: dict[str, Any]) -> list[str]
             continue
         try:
             declared(sub, "load_state_dict")(states[key])
+        except ResumeRefused:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise CheckpointError(f"the saved state of {key} does not fit this {type(sub).__qualname__} "
                                   f"({type(exc).__name__}: {exc}): was it saved by another version of it, or with "
@@ -259,7 +262,7 @@ def capture(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, 
         "format": FORMAT,
         "grads": [None if p.grad is None else p.grad.detach().clone() for p in learn.model.parameters()],
         "global_step": learn.global_step,
-        "position": {"epoch": epoch, "iter": iter_},
+        "position": {"epoch": epoch, "iter": iter_, "finished": bool(learn.finished)},
         "rng": rng if rng is not None else rng_state(),
         "epoch_rng": None if iter_ is None else epoch_rng,
         "subs": subs if subs is not None else subscriber_states(learn.subs),

@@ -21,6 +21,7 @@ from nntrain.events import (
     CancelException,
     CancelFitException,
     CancelStepException,
+    check_roles,
     declared,
     event_handlers,
 )
@@ -108,8 +109,16 @@ class Dispatcher:
         self.resume = resume
         self._logs_epoch: int | None = None
 
-    def set_subs(self, subs: Iterable[Any]) -> None:
-        """Dispatch to `subs` from now on (sorted by `order`)."""
+    def set_subs(self, subs: Iterable[Any], origins: dict[int, str] | None = None) -> None:
+        """Dispatch to `subs` from now on (sorted by `order`).
+
+        Raises:
+            AttributeError: a misspelt handler (see `event_handlers`).
+            ValueError: two subscribers with the same role (see `check_roles`; `origins` names
+                those made from a Trainer flag).
+        """
+        subs = list(subs)
+        check_roles(subs, origins)
         self.handlers = event_handlers(subs)
         self.one_rank_events = _one_rank_events(self.handlers)
 
@@ -178,7 +187,7 @@ class Dispatcher:
         apply a resume plan saved at an epoch's end. False when the fit body must not run."""
         learn = self.learn
         learn.n_epochs, learn.epochs, learn.fit_valid = n_epochs, range(n_epochs), fit_valid
-        learn.epoch = first_epoch
+        learn.epoch, learn.finished = first_epoch, False
         learn.logs = {}
         ok = self.open_scope("fit")
         plan = self.resume

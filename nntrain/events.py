@@ -27,6 +27,7 @@ __all__ = [
     "CancelBatchException",
     "CancelStepException",
     "Subscriber",
+    "check_roles",
     "declared",
     "subscriber_engines",
     "check_subscribers",
@@ -111,6 +112,11 @@ class Subscriber:
     cancel is every rank's at the same point. False for subscribers that never cancel, or cancel
     only from values every rank shares (global metrics, step counts)."""
 
+    role: str | None = None
+    """The job it does that only one subscriber may do in a fit ("gradient accumulation",
+    "gradient clipping", "mixed precision", "device placement"): two attached subscribers with
+    the same role are refused before the fit, naming both (together they would do the job twice)."""
+
     shows_rows: bool = False
     """It shows each pass's logged values itself (a progress display): `MetricsS` then prints no row."""
 
@@ -181,6 +187,30 @@ def check_subscribers(subs: Any, where: str = "subs") -> list[Any]:
             raise TypeError(f"{where}[{i}] is {_describe(sub)} with no event method ({', '.join(EVENTS[:3])}, ...): "
                             f"it is not a subscriber")
     return subs
+
+
+def check_roles(subs: Iterable[Any], origins: dict[int, str] | None = None) -> None:
+    """Refuse two subscribers with the same `role` (see `Subscriber.role`); `origins` describes
+    subscribers made from something else (a Trainer flag), by `id`.
+
+    Raises:
+        ValueError: naming both subscribers, the role, and what to keep.
+    """
+    seen: dict[str, Any] = {}
+    origins = origins or {}
+
+    def name(sub: Any) -> str:
+        where = origins.get(id(sub))
+        return type(sub).__name__ + (f" ({where})" if where else "")
+
+    for sub in subs:
+        role = declared(sub, "role")
+        if role is None:
+            continue
+        if role in seen:
+            raise ValueError(f"{name(seen[role])} and {name(sub)} both do {role}: together they would do it twice; "
+                             f"keep one of them")
+        seen[role] = sub
 
 
 def event_handlers(subs: Iterable[Any]) -> dict[str, tuple[Callable[[Any], None], ...]]:

@@ -123,6 +123,8 @@ class Learner(LearnerVerbs):
         self.grad_scaling: Any = None  # a nntrain.amp.GradScaling while fp16 training scales the loss
         self.logs: dict[str, float] = {}  # the current epoch's logged values by name (`learn.log`)
         self.resume_plan: Any = None  # the checkpoint this fit continues from (a ResumePlan), else None
+        self.fit_lr: float | None = None  # the `lr=` given to the running fit (None: none given)
+        self.finished = False  # a subscriber ended the run early (EarlyStoppingS): checkpoints say so
         self.dispatch.set_subs(self.subs)
 
     # ----- subscribers and dispatch -------------------------------------------------------
@@ -133,8 +135,9 @@ class Learner(LearnerVerbs):
         Raises:
             TypeError: an entry is not a subscriber instance (see `check_subscribers`).
         """
-        self.subs.extend(check_subscribers(subs))
-        self.dispatch.set_subs(self.subs)
+        subs = check_subscribers(subs)
+        self.dispatch.set_subs([*self.subs, *subs])  # raises on a misspelt handler before anything is attached
+        self.subs.extend(subs)
 
     def remove_subs(self, subs: Iterable[Subscriber]) -> None:
         """Detach `subs` (each once) and re-sort the dispatch table."""
@@ -336,11 +339,13 @@ class Learner(LearnerVerbs):
                 if plan is not None and lr is not None:  # the checkpoint's optimizer state carried its lr
                     set_lr(self.opt, lr)
                 announce_resume(plan, int(os.environ.get("RANK", "0")))
+                if plan is not None and plan.finished:  # the run ended early there (check_fits warned): nothing to train
+                    return None
             valid = valid and not _empty_valid(self.dls.valid)
-            self.resume_plan = plan
+            self.resume_plan, self.fit_lr = plan, lr
             return runner.fit(self, epochs, plan, train, valid, lr, trainer_kwargs)
         finally:
-            self.resume_plan = None
+            self.resume_plan, self.fit_lr = None, None
             self.remove_subs(subs)
             self.release_graph()
 

@@ -40,6 +40,8 @@ class ResumePlan:
     and a `ResumableDataLoader`'s position; the learner state comes from its `"nntrain"` entry).
     `epoch_offset`: the learner's epoch at the Trainer's epoch 0 (a native checkpoint continued
     under Lightning starts the Trainer at 0).
+    `finished`: a subscriber ended the run at this checkpoint (an early stop): a resume from it
+    trains nothing (`check_fits` warns).
     """
 
     path: str
@@ -52,6 +54,7 @@ class ResumePlan:
     subs: dict[str, Any]
     lightning: bool = False
     epoch_offset: int = 0
+    finished: bool = False
 
     @property
     def inside_epoch(self) -> bool:
@@ -90,7 +93,7 @@ class ResumePlan:
                 subs, rng = ranks[rank]["subs"], ranks[rank]["rng"]
         return cls(path=str(path), epoch=pos["epoch"], iter=pos["iter"], grads=entry["grads"],
                    global_step=entry["global_step"], rng=rng, epoch_rng=entry["epoch_rng"],
-                   subs=subs, lightning=lightning, epoch_offset=offset)
+                   subs=subs, lightning=lightning, epoch_offset=offset, finished=bool(pos.get("finished")))
 
     def key(self) -> tuple[Any, ...]:
         """What identifies the checkpoint across machines: file name, position and step."""
@@ -120,10 +123,15 @@ class ResumePlan:
         plan.check_fits(learn, n_epochs)
         if plan.lightning:
             prefix = "model."
-            check_model(learn, path, {k[len(prefix):]: v for k, v in state["state_dict"].items()
-                                      if k.startswith(prefix)})
+            weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+            check_model(learn, path, weights)
             saved_opts = state.get("optimizer_states") or [None]
             check_optimizer(learn, path, saved_opts[0])
+            if plan.finished:  # no Trainer runs: the learner takes the run's last state itself
+                learn.model.load_state_dict(weights)
+                if saved_opts[0] is not None:
+                    learn.opt.load_state_dict(saved_opts[0])
+                learn.global_step = plan.global_step
             return plan
         check_model(learn, path, state["model"])
         check_optimizer(learn, path, state["optimizer"])
@@ -142,11 +150,17 @@ class ResumePlan:
     def check_fits(self, learn: Any, n_epochs: int) -> None:
         """Refuse, before anything is loaded, a resume that cannot continue this fit: a checkpoint
         past the fit's last epoch, or a position past the training loader's end. A checkpoint at
-        the end of the fit's last epoch is a finished run: a warning says so (nothing is trained).
+        the end of the fit's last epoch, or one a subscriber marked `finished`, is a finished run:
+        a warning says so (nothing is trained).
 
         Raises:
             ValueError: naming the checkpoint's position and what does not fit.
         """
+        if self.finished:
+            warnings.warn(f"checkpoint {self.describe()} ends a finished run (a subscriber stopped it early): "
+                          f"nothing left to train. To train on from its weights on purpose, learn.load(path) "
+                          f"and fit without resume=", RuntimeWarning, stacklevel=3)
+            return
         if self.start_epoch > n_epochs:
             raise ValueError(f"checkpoint {self.describe()} is past this {n_epochs}-epoch fit: fit(epochs) counts all "
                              f"epochs, so continue it with fit({self.start_epoch + 1} or more, resume=...)")

@@ -188,6 +188,16 @@ def test_typo_in_event_name_is_an_error_naming_the_valid_events():
         assert event in str(info.value)
 
 
+def test_a_rejected_subscriber_is_not_left_attached():
+    learn = small_learner()
+    with pytest.raises(AttributeError, match="after_bach"):
+        learn.fit(1, subs=[Typo()])
+    with pytest.raises(AttributeError, match="after_bach"):
+        learn.add_subs([Typo()])
+    assert learn.subs == []
+    learn.fit(1)  # the learner still trains
+
+
 def test_empty_training_loader_is_a_clear_error():
     dls = tiny_dls()
     dls.train = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)

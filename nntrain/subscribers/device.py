@@ -24,6 +24,7 @@ class DeviceS(Subscriber):
 
     order = -10  # before other subscribers' before_batch, so they see the batch on the device
     one_rank_cancels = False  # never cancels
+    role = "device placement"
     engines = ("native",)
 
     def __init__(self, device: str | torch.device = "auto") -> None:

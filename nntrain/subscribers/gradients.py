@@ -19,18 +19,23 @@ class GradClipS(Subscriber):
     `max_value`, each element (`clip_grad_value_`). Under fp16 the gradients are unscaled here.
 
     Raises:
-        ValueError: neither or both of `max_norm` and `max_value`, or one that is not positive.
+        ValueError: neither or both of `max_norm` and `max_value`, one that is not a positive
+            number, or a `norm_type` that is not a positive number or `inf`.
     """
 
     order = 900  # last before_step handler (CheckpointS at 1000 has none)
     one_rank_cancels = False  # never cancels
+    role = "gradient clipping"
 
     def __init__(self, max_norm: float | None = None, norm_type: float = 2.0, max_value: float | None = None) -> None:
         if (max_norm is None) == (max_value is None):
             raise ValueError("give exactly one of max_norm (clip the total norm) and max_value (clip each element)")
         limit = max_norm if max_norm is not None else max_value
-        if not limit > 0:
-            raise ValueError(f"the clipping limit must be positive, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError(f"the clipping limit must be a positive number, got {limit!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or \
+                not (norm_type > 0 or norm_type == float("inf")):
+            raise ValueError(f"norm_type must be a positive number or float('inf') (the max norm), got {norm_type!r}")
         self.max_norm, self.norm_type, self.max_value = max_norm, norm_type, max_value
 
     def before_step(self, learn: Any) -> None:
@@ -57,6 +62,7 @@ class GradAccumS(Subscriber):
 
     order = -900  # first before_step handler: clipping and the like run only before real steps
     one_rank_cancels = False  # cancels from the batch count, the same on every rank
+    role = "gradient accumulation"
 
     def __init__(self, n: int) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:

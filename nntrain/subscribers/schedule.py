@@ -7,9 +7,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from nntrain.checkpoint import ResumeRefused
 from nntrain.checks import loader_length
 from nntrain.events import Subscriber, declared
 from nntrain.schedules import OneCycle
+from nntrain.subscribers.stopping import _epoch_done, check_monitored, monitored_value
 
 __all__ = ["SchedulerS", "fit_one_cycle"]
 
@@ -24,30 +28,43 @@ class SchedulerS(Subscriber):
     """Steps the scheduler `make_sched(learn.opt)` made at `before_fit` (any
     `torch.optim.lr_scheduler`, or `nntrain.schedules.OneCycle`).
 
-    With `interval="batch"` it steps in `after_step`, which fires only for steps the optimizer
-    really took (not for a step the fp16 scaler skipped, nor for batches `GradAccumS` is
-    accumulating); with `"epoch"` after each training pass. Each fit builds a new scheduler from
-    the optimizer's lr at that point. Records the first param group's lr and momentum of every
-    step in `lrs` and `moms` (`plot()` draws them); sets `learn.scheduler = self`. Its state goes
-    into checkpoints.
+    With `interval="batch"` (the default) it steps in `after_step`, which fires only for steps
+    the optimizer really took (not for a step the fp16 scaler skipped, nor for batches
+    `GradAccumS` is accumulating); with `"epoch"` after each training pass. A scheduler that
+    steps on a metric (`ReduceLROnPlateau`) steps once an epoch has ended, with the value of
+    `monitor` (as Lightning's `monitor`); its interval is "epoch". Each fit builds a new
+    scheduler from the optimizer's lr at that point. Records the first param group's lr and
+    momentum of every step in `lrs` and `moms` (`plot()` draws them); sets
+    `learn.scheduler = self`. Its state goes into checkpoints.
+
+    A resumed fit continues the saved schedule: an `lr=` given to it must be the lr the schedule
+    was built with (the schedule decides each step's lr from there), else it is refused.
 
     Raises:
-        ValueError: `interval` is neither "batch" nor "epoch".
+        ValueError: `interval` is neither "batch" nor "epoch"; at `before_fit`, a metric-driven
+            scheduler with `interval="batch"` or a `monitor` no subscriber logs; when a resume
+            loads its state, an `lr=` other than the saved schedule's.
+        TypeError: `make_sched` is not callable; at `before_fit`, it returned no scheduler (the
+            optimizer itself, or an object without `step`).
     """
 
     order = 50  # after_step: other subscribers see the lr this step used
     one_rank_cancels = False  # never cancels
 
-    def __init__(self, make_sched: Callable[[Any], Any], interval: str = "batch") -> None:
-        if interval not in ("batch", "epoch"):
+    def __init__(self, make_sched: Callable[[Any], Any], interval: str | None = None,
+                 monitor: str = "valid/loss") -> None:
+        if interval not in (None, "batch", "epoch"):
             raise ValueError(f"interval must be 'batch' or 'epoch', got {interval!r}")
         if not callable(make_sched):
             raise TypeError(f"make_sched must be a callable opt -> scheduler, got {type(make_sched).__name__}")
         self.make_sched = make_sched
-        self.interval = interval
+        self.asked_interval, self.interval = interval, interval or "batch"
+        self.monitor = monitor
         self.sched: Any = None
+        self.on_metric = False  # the scheduler steps on `monitor`'s value (ReduceLROnPlateau)
         self.lrs: list[float] = []
         self.moms: list[float | None] = []
+        self._fit_lr: float | None = None
 
     def before_fit(self, learn: Any) -> None:
         """Build the scheduler on the learner's optimizer."""
@@ -57,9 +74,20 @@ class SchedulerS(Subscriber):
                             f"{type(opt).__name__}: pass a torch.optim class as optim_class")
         for group in opt.param_groups:  # else a scheduler of a second fit starts from the first fit's lr
             group.pop("initial_lr", None)
-        self.sched = self.make_sched(opt)
-        if not callable(getattr(self.sched, "step", None)):
-            raise TypeError(f"make_sched returned {type(self.sched).__name__}, which has no step()")
+        sched = self.make_sched(opt)
+        if isinstance(sched, torch.optim.Optimizer) or not callable(getattr(sched, "step", None)):
+            what = "the optimizer itself" if sched is opt else type(sched).__name__
+            raise TypeError(f"make_sched returned {what}, not a scheduler: return one made on the optimizer "
+                            f"it is given, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)")
+        self.sched = sched
+        self.on_metric = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.on_metric:
+            if self.asked_interval == "batch":
+                raise ValueError(f"{type(sched).__name__} steps on a metric once an epoch has ended: "
+                                 f"use SchedulerS(make_sched, monitor=...) without interval='batch'")
+            check_monitored(learn, self.monitor, "SchedulerS")
+        self.interval = "epoch" if self.on_metric else (self.asked_interval or "batch")
+        self._fit_lr = learn.fit_lr
         self.lrs, self.moms = [], []
         self._record(opt)
         learn.scheduler = self
@@ -71,8 +99,13 @@ class SchedulerS(Subscriber):
             self._record(learn.opt)
 
     def after_epoch(self, learn: Any) -> None:
-        """Step a per-epoch schedule after a training pass."""
-        if self.interval == "epoch" and learn.mode == "train":
+        """Step a per-epoch schedule after a training pass (a metric-driven one once the epoch
+        has ended, with the monitored value)."""
+        if self.on_metric:
+            if _epoch_done(learn):
+                self.sched.step(monitored_value(learn, self.monitor))
+                self._record(learn.opt)
+        elif self.interval == "epoch" and learn.mode == "train":
             self.sched.step()
             self._record(learn.opt)
 
@@ -117,6 +150,11 @@ class SchedulerS(Subscriber):
         (building a scheduler moved them to its first step)."""
         if not state:
             return
+        saved = state["sched"].get("base_lrs") if isinstance(state["sched"], dict) else None
+        if self._fit_lr is not None and saved and saved[0] != self._fit_lr:
+            raise ResumeRefused(f"this fit asks lr={self._fit_lr}, but the schedule it resumes was built with "
+                             f"lr={saved[0]} and sets every step's lr from there: resume without lr= (or with "
+                             f"lr={saved[0]}), or start a new run")
         self.sched.load_state_dict(state["sched"])
         self.lrs, self.moms = list(state["lrs"]), list(state["moms"])
         last = getattr(self.sched, "get_last_lr", None)

@@ -106,13 +106,20 @@ class EarlyStoppingS(Subscriber):
         if not _epoch_done(learn):
             return
         value = monitored_value(learn, self.monitor)
+        if self.check_finite and not math.isfinite(value):  # first, as Lightning: -inf is no improvement
+            self._stop_after(learn)
+            return
         if self.tracker.improves(value):
             self.wait = 0
             return
         self.wait += 1
-        if (self.check_finite and not math.isfinite(value)) or self.wait >= self.patience:
-            self.stopped_epoch = learn.epoch
-            self._stop = learn.epoch + 1 < learn.n_epochs  # after the last epoch the fit ends anyway
+        if self.wait >= self.patience:
+            self._stop_after(learn)
+
+    def _stop_after(self, learn: Any) -> None:
+        self.stopped_epoch = learn.epoch
+        self._stop = learn.epoch + 1 < learn.n_epochs  # after the last epoch the fit ends anyway
+        learn.finished = True  # checkpoints from here on hold a finished run
 
     def cleanup_epoch(self, learn: Any) -> None:
         """Stop the fit once the epoch that decided it has ended everywhere."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nntrain.display as display_module
 import nntrain.subscribers.progress as progress_module
 from nntrain.learner import CancelFitException, Learner, Subscriber
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
@@ -53,7 +54,7 @@ def bars(monkeypatch):
     """Every tqdm bar ProgressS opens, each recording whether it was closed."""
     opened = []
 
-    class RecordingBar(progress_module.tqdm):
+    class RecordingBar(display_module.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.position, self.was_closed = kwargs.get("position"), False
@@ -63,7 +64,7 @@ def bars(monkeypatch):
             self.was_closed = True
             super().close()
 
-    monkeypatch.setattr(progress_module, "tqdm", RecordingBar)
+    monkeypatch.setattr(display_module, "tqdm", RecordingBar)
     return opened
 
 
