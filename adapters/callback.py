@@ -6,7 +6,7 @@ methods only look their row up. The docs' Lightning page shows the table this mo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -17,6 +17,9 @@ from nntrain.engines import NativeEngine
 from nntrain.events import declared
 from nntrain.optim import set_lr
 from nntrain.rng import set_rng_state
+
+if TYPE_CHECKING:
+    from nntrain.adapters.module import LearnerModule
 
 __all__ = ["HOOK_TABLE", "STEP_TABLE", "LearnerCallback"]
 
@@ -85,7 +88,7 @@ class LearnerCallback(L.Callback):
     `LearnerModule` (make both with `to_lightning`). The learner's loop position is set only
     through the dispatcher's scopes (`open_fit`, `open_epoch`, `open_batch`)."""
 
-    def __init__(self, module: Any, subs: list[Any]) -> None:
+    def __init__(self, module: LearnerModule, subs: list[Any]) -> None:
         self.module = module
         self.subs = list(subs)
         self._table = {hook: tuple((getattr(self, f"_{a[0]}"), a[1:]) for a in actions)
@@ -240,10 +243,11 @@ class LearnerCallback(L.Callback):
 
     def _open(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
               batch_idx: int = 0) -> None:
+        # HOOK_TABLE gives every batch and epoch row its mode
         if scope == "batch":
-            self._open_batch(trainer, mode, batch, batch_idx)
+            self._open_batch(trainer, mode, batch, batch_idx)  # type: ignore[arg-type]
         elif scope == "epoch":
-            self._open_epoch(trainer, mode)
+            self._open_epoch(trainer, mode)  # type: ignore[arg-type]
         elif self.module.learn.dispatch.top is None:  # else the fit scope is open already
             self._open_fit(trainer)
 
@@ -259,7 +263,7 @@ class LearnerCallback(L.Callback):
         if plan is not None:
             learn.global_step = plan.global_step
             dispatch.resume = plan
-        dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),
+        dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),  # type: ignore[operator]
                           plan.start_epoch if plan is not None else 0)
         if plan is not None and plan.lightning and not plan.inside_epoch and module.fit_lr is not None:
             self._lrs = [group["lr"] for group in learn.opt.param_groups]  # fit's lr, or a schedule's from it
@@ -313,7 +317,7 @@ class LearnerCallback(L.Callback):
             try:
                 dispatch.close_scope("batch")
             except Exception as exc:
-                check_batch_structure(exc, batch, mode)
+                check_batch_structure(exc, batch, mode)  # type: ignore[arg-type]  # a batch row's mode
                 raise
             return
         if scope == "epoch":

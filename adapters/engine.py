@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
 from nntrain.checkpoint import atomic_write
 from nntrain.optim import get_lr
+
+if TYPE_CHECKING:
+    from nntrain.adapters.module import LearnerModule
 
 __all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported", "take_trainer_recipes",
            "give_back_trainer_recipes"]
@@ -44,7 +47,7 @@ def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
     Raises:
         ValueError: naming the option or callback and what to use instead.
     """
-    refuse_callbacks(trainer.callbacks)
+    refuse_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
     if stage == "fit" and trainer.val_check_interval != 1.0:
         raise ValueError(
             f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
@@ -94,7 +97,7 @@ class LightningEngine:
     resumes_after_last_batch = False  # Lightning resumes such a checkpoint at the next epoch
     runs_compiled_steps = False
 
-    def __init__(self, module: L.LightningModule, trainer: L.Trainer) -> None:
+    def __init__(self, module: LearnerModule, trainer: L.Trainer) -> None:
         self.module = module
         self.trainer = trainer
         self.rank = trainer.global_rank
@@ -165,7 +168,7 @@ class LightningEngine:
         if trainer.progress_bar_callback is not None:
             self.module.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         loggers = [lg for lg in trainer.loggers if lg not in self.claimed]
-        if loggers and self.rank == 0 and self.module.learn.global_step % trainer.log_every_n_steps == 0:
+        if loggers and self.rank == 0 and self.module.learn.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             values = {"train/loss_step": float(loss.detach()), "train/lr": float(get_lr(self.module.learn.opt))}
             for lg in loggers:
                 lg.log_metrics(values, step=self.module.learn.global_step)

@@ -12,12 +12,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
+
 from nntrain.adapters.callback import LearnerCallback
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
 from nntrain.adapters.results import load_results
-from torch import nn
-
 from nntrain.checkpoint import CheckpointError
 from nntrain.devices import model_device
 from nntrain.engines import collate_preds
@@ -214,7 +214,7 @@ class LightningRunner:
         trainer, module = _eval_trainer(learn, options)
         with _lightning_info(False):
             outputs = trainer.predict(module, dataloaders=dl)
-        return collate_preds(outputs or [])
+        return collate_preds(outputs or [])  # type: ignore[arg-type]  # one loader: one flat list
 
 
 def _eval_trainer(learn: Learner, options: dict[str, Any]) -> tuple[L.Trainer, LearnerModule]:
@@ -255,7 +255,8 @@ def _spawned_results(trainer: L.Trainer, module: LearnerModule) -> Iterator[None
         try:
             yield
         finally:
-            module.results_path, path = None, module.results_path
+            path = module.results_path
+            module.results_path = None
         if os.path.exists(path):
             load_results(module.learn, path)
 

@@ -129,7 +129,8 @@ class LearnerModule(L.LightningModule):
         """Check that the Trainer has this learner's `LearnerCallback` (it drives the events)."""
         from nntrain.adapters.callback import LearnerCallback
 
-        if not any(isinstance(cb, LearnerCallback) and cb.module is self for cb in self.trainer.callbacks):
+        if not any(isinstance(cb, LearnerCallback) and cb.module is self
+                   for cb in self.trainer.callbacks):  # type: ignore[attr-defined]  # set in Trainer.__init__
             raise ValueError("the Trainer has no LearnerCallback for this LearnerModule: make both with "
                              "module, callbacks = nntrain.adapters.to_lightning(learn) and pass "
                              "callbacks=callbacks to the Trainer")
@@ -152,7 +153,7 @@ class LearnerModule(L.LightningModule):
         opt = learn.opt
         self.plain_opt = learn.opt
         if shards_parameters(self.trainer.strategy):
-            self.sharded_opt = optimizer_over(opt, self.trainer.model.parameters())
+            self.sharded_opt = optimizer_over(opt, self.trainer.model.parameters())  # type: ignore[union-attr]
             return self.sharded_opt
         if not isinstance(opt, torch.optim.Optimizer):
             opt = ForeignOptimizer(opt, getattr(opt, "params", learn.model.parameters()))
@@ -237,8 +238,8 @@ class LearnerModule(L.LightningModule):
         training loader continues there too (else the epoch would see the wrong batches)."""
         loader = self.trainer.train_dataloader
         skip = getattr(loader, "resumed_at", None)
-        if skip != plan.iter + 1:
-            note = "" if skip is None else f" (it would skip {skip} batches, not {plan.iter + 1})"
+        if skip != plan.iter + 1:  # type: ignore[operator]  # a plan from inside an epoch
+            note = "" if skip is None else f" (it would skip {skip} batches, not {plan.iter + 1})"  # type: ignore[operator]
             raise loader_cannot_resume("the checkpoint", {"epoch": plan.epoch, "iter": plan.iter}, loader, note)
 
     # ----- loaders and modes ------------------------------------------------------------------

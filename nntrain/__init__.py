@@ -2,7 +2,8 @@
 
 The names below load on first use (PEP 562), so `import nntrain` costs no torch import and the
 `nntrain` command answers `--help` at once. Lightning is imported only by `nntrain.adapters` (the
-bridge), on first use.
+bridge), on first use. `nntrain.__version__` is the installed distribution's version (its one
+source is `pyproject.toml`), read on first access.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports these
+    __version__: str
     from nntrain.checkpoint import CheckpointError, save_checkpoint
     from nntrain.checkpoint_state import latest_checkpoint, load_checkpoint
     from nntrain.data import (
@@ -114,11 +116,25 @@ __all__ = [
     "load_dataset_dict",
     "save_checkpoint",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; "0+unknown" when nntrain runs from a source tree
+    that is not installed. (`importlib.metadata` costs ~10 ms to import: not at `import nntrain`.)"""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nntrain")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
     """Import a public name's module on first access and keep the name here (PEP 562)."""
+    if name == "__version__":
+        value: Any = _version()
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'nntrain' has no attribute {name!r}")
@@ -129,4 +145,4 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     """The module's attributes and the public names not loaded yet."""
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, "__version__"})

@@ -209,7 +209,8 @@ def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
 def state_keys(subs: list[Any]) -> list[str]:
     """Each subscriber's key in a checkpoint's `subs`: its `state_key` (default: its class name),
     with `#k` added to the k-th repeat of a key (the second `MetricsS` is `MetricsS#1`)."""
-    keys, seen = [], {}
+    keys: list[str] = []
+    seen: dict[str, int] = {}
     for sub in subs:
         key = declared(sub, "state_key") or type(sub).__qualname__
         k = seen.get(key, 0)

@@ -242,17 +242,18 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from exc
     dls = DataLoaders.from_hf_dd(dd, batch_size=args.batch_size)
     x, _ = next(iter(dls.valid))
-    n_classes = dls.train.dataset.y.max().item() + 1
+    n_classes = dls.train.dataset.y.max().item() + 1  # type: ignore[attr-defined]  # from_hf_dd's TensorPairDataset
     model = make_model(x.shape[1], args.hidden, int(n_classes))
     subs = [DeviceS(device)]
     progress = None if args.no_progress else ProgressS(plot=args.plot)
+    learn: Learner
     if args.momentum > 0:
         learn = MomentumLearner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs, mom=args.momentum)
     else:
         learn = Learner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs)
     if args.engine == "lightning":
         _quiet_lightning()
-    print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "
+    print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "  # type: ignore[arg-type]
           f"{type(learn).__name__}, engine={args.engine}, device={device}")
     run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     tensorboard = TensorBoardS(args.logdir, run_name)
@@ -275,7 +276,7 @@ def run_fit(args: argparse.Namespace) -> int:
             raise
         raise FitInterrupted(_stopped_at(learn.epoch, args.epochs, tensorboard, recipe)) from exc
     _report_recipe(recipe, args.epochs)
-    run_dir = Path(tensorboard.log_dir)
+    run_dir = Path(tensorboard.log_dir)  # type: ignore[arg-type]  # set by the fit
     if finder is not None:
         finder.plot().savefig(run_dir / "lr_find.png", format="png")
         print(f"lr finder plot: {run_dir / 'lr_find.png'}")

@@ -69,14 +69,15 @@ def to_device_loaders(dls: DataLoaders, device: torch.device | str, batch_size: 
     Raises:
         TypeError: a dataset without `x` and `y` tensors.
     """
-    loaders = []
+    loaders: list[Any] = []
     for name, dl in (("train", dls.train), ("valid", dls.valid)):
-        ds = getattr(dl, "dataset", None)
+        ds: Any = getattr(dl, "dataset", None)
         if not (isinstance(getattr(ds, "x", None), torch.Tensor) and isinstance(getattr(ds, "y", None), torch.Tensor)):
             raise TypeError(f"dls.{name}.dataset must hold tensors x and y (a TensorPairDataset), "
                             f"got {type(ds).__name__}")
         bs = batch_size or dl.batch_size
-        loaders.append(DeviceDataLoader(ds.x, ds.y, bs, shuffle=name == "train",
+        # (a loader made with a batch_sampler has batch_size None, which is not handled here)
+        loaders.append(DeviceDataLoader(ds.x, ds.y, bs, shuffle=name == "train",  # type: ignore[arg-type]
                                         drop_last=drop_last and name == "train", device=device))
     return DataLoaders(*loaders)
 

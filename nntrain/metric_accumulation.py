@@ -29,7 +29,7 @@ def real_samples(dl: Any) -> int | None:
     sampler = getattr(dl, "sampler", None)
     if not isinstance(sampler, torch.utils.data.DistributedSampler) or sampler.drop_last:
         return None
-    n = len(sampler.dataset)
+    n = len(sampler.dataset)  # type: ignore[arg-type]  # DistributedSampler needs a sized one
     if sampler.total_size == n:
         return None
     return len(range(sampler.rank, n, sampler.num_replicas))
@@ -151,9 +151,10 @@ class MetricAccumulator:
 
     `add` buffers a batch; every `flush_every` batches the buffer is folded in: metric objects get
     one `update` on the concatenated predictions and targets (also flushed earlier when the
-    buffered predictions reach `max_buffered` elements, which bounds the memory held), functions are evaluated per buffered
-    batch and summed weighted by batch size, all on the device. `compute` turns the values into
-    floats (one host copy, plus collectives under `torch.distributed`).
+    buffered predictions reach `max_buffered` elements, which bounds the memory held), functions
+    are evaluated per buffered batch and summed weighted by batch size, all on the device.
+    `compute` turns the values into floats (one host copy, plus collectives under
+    `torch.distributed`).
 
     The buffer holds references, not copies: a loader that refills the same target tensor in
     place would need a smaller `flush_every` (1) to be read before it is overwritten.
@@ -278,9 +279,9 @@ class MetricAccumulator:
         Every rank gets the same values. With no samples seen (on any rank), every value is NaN.
         """
         self.flush()
-        sums = [self._loss_sum] + [self._fn_sums.get(name) for name in self.functions]
+        found = [self._loss_sum] + [self._fn_sums.get(name) for name in self.functions]
         device = self._loss_sum.device if self._loss_sum is not None else torch.device("cpu")
-        sums = [torch.zeros((), device=device) if s is None else s for s in sums]
+        sums = [torch.zeros((), device=device) if s is None else s for s in found]
         if _world_size() > 1:
             # One collective for the loss, the function sums and the sample count.
             device = _collective_device(device)

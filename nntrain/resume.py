@@ -68,7 +68,7 @@ class ResumePlan:
 
     @classmethod
     def read(cls, path: str | os.PathLike, state: dict[str, Any], rank: int = 0,
-             world_size: int | None = None) -> "ResumePlan":
+             world_size: int | None = None) -> ResumePlan:
         """The plan for a loaded checkpoint of either format (`state`, read from `path`); given
         the `world_size` of the resuming fit, rank `rank`'s own subscriber states and RNG.
 
@@ -101,7 +101,7 @@ class ResumePlan:
 
     @classmethod
     def restore(cls, learn: Any, resume: str | os.PathLike, n_epochs: int, train: bool = True,
-                lightning_ok: bool = False) -> "ResumePlan | None":
+                lightning_ok: bool = False) -> ResumePlan | None:
         """Find the checkpoint `resume` names (see `find_checkpoint`), check it against `learn`
         and a fit of `n_epochs` epochs, and for a native one load model, optimizer, gradients and
         `global_step` into `learn`. Returns its plan, or None when `resume="last"` finds nothing.
@@ -167,7 +167,7 @@ class ResumePlan:
         if self.start_epoch == n_epochs:
             warnings.warn(f"checkpoint {self.describe()} ends this {n_epochs}-epoch run: nothing left to train "
                           f"(ask for more epochs to go on)", RuntimeWarning, stacklevel=3)
-        if self.inside_epoch:
+        if self.iter is not None:  # inside_epoch, spelled so that type checkers see an int below
             n = loader_length(learn.dls.train)
             if n is not None and self.iter + 1 > n:
                 raise ValueError(f"checkpoint {self.describe()} was taken after batch {self.iter}, but the training "
@@ -191,9 +191,9 @@ def resumed_batches(dl: Any, plan: ResumePlan) -> Iterator[tuple[int, Any]]:
     seed from it) and the batches already trained are fetched and discarded (no event fires);
     the `Dispatcher` then applies the saved states before the first batch it yields.
     """
-    set_rng_state(plan.epoch_rng)
+    set_rng_state(plan.epoch_rng)  # type: ignore[arg-type]  # a plan from inside an epoch has both
     batches = iter(dl)
-    start = plan.iter + 1
+    start = plan.iter + 1  # type: ignore[operator]
     for _ in range(start):
         next(batches, None)
     return enumerate(batches, start)

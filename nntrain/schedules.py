@@ -66,7 +66,7 @@ class OneCycle:
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.lr_max, self.pct_start, self.div, self.div_final = lr_max, pct_start, div, div_final
-        self.moms = tuple(moms) if moms is not None else None
+        self.moms = (*moms,) if moms is not None else None
         self.keys = [momentum_key(g) if self.moms is not None else None for g in optimizer.param_groups]
         self.last_step = 0
         self._apply()

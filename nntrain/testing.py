@@ -73,22 +73,22 @@ def _same(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
     return torch.equal(a, b) if atol == 0 else bool(torch.allclose(a, b, rtol=0, atol=atol, equal_nan=True))
 
 
-def _compare(n: EngineRun, l: EngineRun, atol: float) -> None:
-    for i, (a, b) in enumerate(zip(n.trace.events, l.trace.events)):
+def _compare(n: EngineRun, lt: EngineRun, atol: float) -> None:
+    for i, (a, b) in enumerate(zip(n.trace.events, lt.trace.events)):
         if a != b:
             raise AssertionError(f"the event traces differ at event #{i}: native {a} vs lightning {b} "
                                  "(event, mode, epoch, batch)")
-    if len(n.trace.events) != len(l.trace.events):
-        k = min(len(n.trace.events), len(l.trace.events))
-        longer = n if len(n.trace.events) > k else l
+    if len(n.trace.events) != len(lt.trace.events):
+        k = min(len(n.trace.events), len(lt.trace.events))
+        longer = n if len(n.trace.events) > k else lt
         raise AssertionError(f"the event traces differ in length ({len(n.trace.events)} native, "
-                             f"{len(l.trace.events)} lightning): {longer.engine} goes on with "
+                             f"{len(lt.trace.events)} lightning): {longer.engine} goes on with "
                              f"{longer.trace.events[k]}")
-    for (epoch, it, a), (_, _, b) in zip(n.trace.losses, l.trace.losses):
-        if not _same(a, b, atol):
-            raise AssertionError(f"the training loss differs at epoch {epoch}, batch {it}: native {a.tolist()} vs "
-                                 f"lightning {b.tolist()}")
-    for k, (rows_n, rows_l) in enumerate(zip(n.rows, l.rows)):
+    for (epoch, it, loss_n), (_, _, loss_l) in zip(n.trace.losses, lt.trace.losses):
+        if not _same(loss_n, loss_l, atol):
+            raise AssertionError(f"the training loss differs at epoch {epoch}, batch {it}: native {loss_n.tolist()} vs "
+                                 f"lightning {loss_l.tolist()}")
+    for k, (rows_n, rows_l) in enumerate(zip(n.rows, lt.rows)):
         for row_n, row_l in zip(rows_n, rows_l):
             if row_n.keys() != row_l.keys() or any(
                     abs(row_n[key] - row_l[key]) > atol if isinstance(row_n[key], float) else row_n[key] != row_l[key]
@@ -97,14 +97,14 @@ def _compare(n: EngineRun, l: EngineRun, atol: float) -> None:
                                      f"native {row_n} vs lightning {row_l}")
         if len(rows_n) != len(rows_l):
             raise AssertionError(f"MetricsS #{k} has {len(rows_n)} rows natively, {len(rows_l)} under lightning")
-    weights_n, weights_l = n.learn.model.state_dict(), l.learn.model.state_dict()
+    weights_n, weights_l = n.learn.model.state_dict(), lt.learn.model.state_dict()
     for name, a in weights_n.items():
         b = weights_l[name]
         if not _same(a, b, atol):
             diff = (a.double() - b.double()).abs().max().item() if a.shape == b.shape else "shapes differ"
             raise AssertionError(f"the final weights differ in {name!r} (max abs difference {diff})")
-    if n.learn.global_step != l.learn.global_step:
-        raise AssertionError(f"global_step differs: native {n.learn.global_step} vs lightning {l.learn.global_step}")
+    if n.learn.global_step != lt.learn.global_step:
+        raise AssertionError(f"global_step differs: native {n.learn.global_step} vs lightning {lt.learn.global_step}")
 
 
 def assert_engines_agree(make_learner: Callable[[], Learner], epochs: int = 2, *, seed: int = 0,

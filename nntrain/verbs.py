@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,11 @@ __all__ = ["LearnerVerbs"]
 class LearnerVerbs:
     """The verbs of a `Learner` built on `fit` and its state: a mixin, each method a thin call into
     the subscriber or module that does the work."""
+
+    if TYPE_CHECKING:  # what the verbs use of the `Learner` they are mixed into
+        model: torch.nn.Module
+
+        def call_model(self, inputs: Any) -> Any: ...
 
     def infer(self, x: torch.Tensor, single: bool = False) -> torch.Tensor:
         """The model's output for new inputs `x`, in eval mode, without grad, on the model's device.

@@ -106,7 +106,7 @@ class CheckpointS(Subscriber):
         self._defers = False  # this fit holds Ctrl-C until a clean point (see _defer_ctrl_c)
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Path:  # type: ignore[override]  # read-only here (Subscriber's is a default)
         """Where it writes: `fit(resume="last")` resumes from the newest file here."""
         return self.dir
 

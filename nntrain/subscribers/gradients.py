@@ -3,7 +3,7 @@ batches. Under Lightning, `gradient_clip_val` and `accumulate_grad_batches` beco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +30,7 @@ class GradClipS(Subscriber):
     def __init__(self, max_norm: float | None = None, norm_type: float = 2.0, max_value: float | None = None) -> None:
         if (max_norm is None) == (max_value is None):
             raise ValueError("give exactly one of max_norm (clip the total norm) and max_value (clip each element)")
-        limit = max_norm if max_norm is not None else max_value
+        limit = cast(float, max_norm if max_norm is not None else max_value)  # exactly one is given
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
             raise ValueError(f"the clipping limit must be a positive number, got {limit!r}")
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or \
@@ -44,7 +44,7 @@ class GradClipS(Subscriber):
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
         else:
-            torch.nn.utils.clip_grad_value_(params, self.max_value)
+            torch.nn.utils.clip_grad_value_(params, self.max_value)  # type: ignore[arg-type]  # set: no max_norm
 
 
 class GradAccumS(Subscriber):
@@ -70,7 +70,7 @@ class GradAccumS(Subscriber):
         self.n = n
 
     @property
-    def steps_every(self) -> int:
+    def steps_every(self) -> int:  # type: ignore[override]  # read-only here (Subscriber's is a default)
         """Training batches per optimizer step (what `fit_one_cycle` counts steps by)."""
         return self.n
 

@@ -271,7 +271,7 @@ class LRFindS(Subscriber):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
-        return ax.figure
+        return ax.figure  # type: ignore[return-value]  # a SubFigure when the `ax` given lies in one
 
     def state_dict(self) -> dict[str, Any]:
         """The record: `lrs` and `losses`."""
@@ -338,6 +338,6 @@ def lr_find(
         if opt_state is not None:
             opt.load_state_dict(opt_state)
         elif opt is not None:
-            set_lr(opt, opt_lr)
+            set_lr(opt, opt_lr)  # type: ignore[arg-type]  # read above exactly when this branch runs
         learn.lr, learn.global_step = lr, global_step
     return finder

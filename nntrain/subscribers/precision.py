@@ -42,8 +42,8 @@ class MixedPrecisionS(Subscriber):
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
         self.dtype = dtype
-        self.scaler_args = dict(init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
-                                growth_interval=growth_interval)
+        self.scaler_args: dict[str, Any] = dict(init_scale=init_scale, growth_factor=growth_factor,
+                                                backoff_factor=backoff_factor, growth_interval=growth_interval)
         self.scaler: Any = None
         self._scaling: GradScaling | None = None
         self._autocast: Any = None

@@ -196,7 +196,7 @@ class ProgressS(Subscriber):
         ax.set_ylabel("loss")
         if self.train_losses or self.valid_losses:
             ax.legend(loc="best")
-        return ax.figure
+        return ax.figure  # type: ignore[return-value]  # a SubFigure when the `ax` given lies in one
 
     def save_plot(self, path: str | os.PathLike[str]) -> None:
         """Write `plot_losses()` to `path` as a PNG, nothing clipped."""
