@@ -339,7 +339,7 @@ class Learner(LearnerVerbs):
                 if plan is not None and lr is not None:  # the checkpoint's optimizer state carried its lr
                     set_lr(self.opt, lr)
                 announce_resume(plan, int(os.environ.get("RANK", "0")))
-                if plan is not None and plan.finished:  # the run ended early there (check_fits warned): nothing to train
+                if plan is not None and plan.finished:  # ended early (check_fits warned)
                     return None
             valid = valid and not _empty_valid(self.dls.valid)
             self.resume_plan, self.fit_lr = plan, lr
