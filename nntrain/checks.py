@@ -50,14 +50,28 @@ def _check_loss(loss: Any) -> None:
                     f"it returned {what}{hint}")
 
 
-def _note_model_failure(exc: BaseException, inputs: Any, training: bool) -> None:
-    """Attach the input's shape and dtype (and, for a BatchNorm batch of one, the fix) to a
-    failure of the model's forward pass."""
+def _devices(x: Any) -> set[torch.device]:
+    """The devices of the tensors in `x` (a tensor, or a tuple, list or mapping of them)."""
+    if isinstance(x, torch.Tensor):
+        return {x.device}
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    return {t.device for t in items if isinstance(t, torch.Tensor)}
+
+
+def _note_model_failure(exc: BaseException, inputs: Any, training: bool, model: Any = None) -> None:
+    """Attach the input's shape, dtype and device (and, for a BatchNorm batch of one, the fix;
+    for inputs on another device than the model, the fix) to a failure of the forward pass."""
     if not hasattr(exc, "add_note"):
         return
-    desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}" if isinstance(inputs, torch.Tensor) else \
-        _describe(inputs)
+    desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}, device {inputs.device}" \
+        if isinstance(inputs, torch.Tensor) else _describe(inputs)
     exc.add_note(f"model(inputs) failed: inputs {desc}")
+    model_devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
+    input_devices = _devices(inputs)
+    if model_devices and input_devices and model_devices != input_devices:
+        names = lambda ds: ", ".join(sorted(map(str, ds)))  # noqa: E731
+        exc.add_note(f"the model is on {names(model_devices)} and the inputs on {names(input_devices)}: let the "
+                     f"learner place both (Learner(..., device='auto'), the default) or attach DeviceS(device)")
     if training and isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == 1 and \
             "more than 1 value per channel" in str(exc):
         exc.add_note("the training batch has 1 sample (the epoch's last, smaller batch?): BatchNorm cannot train "
@@ -69,6 +83,11 @@ def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
     shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else type(t).__name__  # noqa: E731
     if hasattr(exc, "add_note"):
         exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
+        devices = _devices(preds) | _devices(targets)
+        if len(devices) > 1:
+            exc.add_note(f"preds are on {', '.join(map(str, _devices(preds)))} and targets on "
+                         f"{', '.join(map(str, _devices(targets)))}: put both on one device (DeviceS moves "
+                         f"whole batches)")
 
 
 TARGET_KEYS: tuple[str, ...] = ("labels", "label")

@@ -219,6 +219,8 @@ def run_fit(args: argparse.Namespace) -> int:
         OSError: a log directory or file that cannot be written.
         FitInterrupted: Ctrl-C (or SIGTERM, under `main`) stopped the LR finder or the fit.
     """
+    engine = " and Lightning" if args.engine == "lightning" else ""
+    print(f"nntrain: importing torch{engine}, loading {args.dataset}...", flush=True)  # before seconds of imports
     import torch
     import torch.nn.functional as F
     from torcheval.metrics import MulticlassAccuracy

@@ -15,6 +15,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a `torch.device`: "auto" is `default_device()`, None stays None.
+
+    Raises:
+        ValueError: a name torch does not know as a device.
+    """
+    if device is None:
+        return None
+    if isinstance(device, str) and device == "auto":
+        return default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', None, or a torch device or its name ('cpu', 'cuda', "
+                         f"'cuda:1', 'mps'), got {device!r}") from exc
+
+
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """`obj` with every tensor in it moved to `device`.
 

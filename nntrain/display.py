@@ -95,26 +95,59 @@ def _final_line(done: int, total: int, seconds: float) -> str:
 # ----- text and terminal -------------------------------------------------------------------------
 
 
+def add_column(columns: list[str], column: str) -> None:
+    """Add `column` ("valid_accuracy") to `columns` after the other modes' column of the same
+    metric ("train_accuracy"), so the modes of one metric stand side by side, as fastai's table."""
+    if column not in columns:
+        name = column.split("_", 1)[1]
+        same = [i for i, c in enumerate(columns) if c.split("_", 1)[1] == name]
+        columns.insert(same[-1] + 1 if same else len(columns), column)
+
+
+def epoch_cells(cells: dict[str, str], columns: list[str], row: dict[str, Any], seconds: float) -> None:
+    """Merge one pass's `row` ({"epoch", "mode", "loss", ...}) into its epoch's `cells` as
+    `<mode>_<name>` columns (added to `columns`), with the epoch's time so far."""
+    mode = row.get("mode", "train")
+    cells.setdefault("epoch", str(row.get("epoch")))
+    for name, value in row.items():
+        if name not in ("epoch", "mode"):
+            add_column(columns, f"{mode}_{name}")
+            cells[f"{mode}_{name}"] = _cell(value)
+    cells["time"] = tqdm.format_interval(seconds)
+
+
 class _TextView:
-    """No terminal: each row as a line of an aligned table (header first), then a final line."""
+    """No terminal: one line per epoch of an aligned table (its passes side by side, and its time,
+    as the notebook's table), printed when the epoch ends, the header first; then a final line."""
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.columns: list[str] | None = None
+        self.columns: list[str] = []
+        self.header: list[str] | None = None  # fixed by the first epoch printed
         self.widths: list[int] = []
+        self.cells: dict[str, str] = {}  # the running epoch's
 
     def write(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)  # flushed: `tail -f` of a log sees each row
 
     def row(self, row: dict[str, Any], seconds: float) -> None:
-        if self.columns is None:
-            self.columns = list(row)
-            self.widths = [max(len(str(c)), len(_cell(row[c])), 6) for c in self.columns]
-            self.write(self._line(self.columns))
-        self.write(self._line([_cell(row.get(c, "")) for c in self.columns]))
+        if self.cells and self.cells.get("epoch") != str(row.get("epoch")):
+            self.end_epoch()
+        epoch_cells(self.cells, self.columns, row, seconds)
 
-    def _line(self, cells: list[Any]) -> str:
-        return "  ".join(str(c).rjust(w) for c, w in zip(cells, self.widths))
+    def end_epoch(self) -> None:
+        """Print the running epoch's line (the header before the first)."""
+        if not self.cells:
+            return
+        if self.header is None:
+            self.header = ["epoch", *self.columns, "time"]
+            self.widths = [max(len(c), len(self.cells.get(c, "")), 6) for c in self.header]
+            self.write(self._line(self.header))
+        self.write(self._line([self.cells.get(c, "") for c in self.header]))
+        self.cells = {}
+
+    def _line(self, cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, self.widths))
 
     def epochs(self, done: int) -> None:
         pass
@@ -126,6 +159,7 @@ class _TextView:
         pass
 
     def close(self, done: int, elapsed: float) -> None:
+        self.end_epoch()  # an epoch an interruption cut short shows what it logged
         self.write(_final_line(done, self.total, elapsed))
 
 
@@ -224,19 +258,11 @@ class _NotebookView:
     def row(self, row: dict[str, Any], seconds: float) -> None:
         if self.table is None:
             return
-        mode = row.get("mode", "train")
-        cells = self.table_rows.setdefault(row.get("epoch"), {"epoch": str(row.get("epoch"))})
-        for name, value in row.items():
-            if name not in ("epoch", "mode"):
-                self._add_column(f"{mode}_{name}", name)
-                cells[f"{mode}_{name}"] = _cell(value)
-        cells["time"] = tqdm.format_interval(seconds)
+        epoch_cells(self.table_rows.setdefault(row.get("epoch"), {}), self.columns, row, seconds)
         self.table.update(self._table_bundle(), raw=True)
 
-    def _add_column(self, column: str, name: str) -> None:
-        if column not in self.columns:  # after the other modes' column of the same metric
-            same = [i for i, c in enumerate(self.columns) if c.split("_", 1)[1] == name]
-            self.columns.insert(same[-1] + 1 if same else len(self.columns), column)
+    def end_epoch(self) -> None:
+        pass
 
     def _table_bundle(self) -> dict[str, str]:
         header = ["epoch", *self.columns, "time"]

@@ -27,7 +27,7 @@ from nntrain.checks import (
     loader_length,
     split_batch,
 )
-from nntrain.devices import model_device
+from nntrain.devices import model_device, resolve_device
 from nntrain.dispatch import Dispatcher
 from nntrain.engines import NativeEngine, collate_preds, resolve_engine
 from nntrain.events import (
@@ -39,6 +39,7 @@ from nntrain.events import (
     CancelStepException,
     Subscriber,
     check_subscribers,
+    declared,
 )
 from nntrain.optim import get_lr, set_lr
 from nntrain.verbs import LearnerVerbs
@@ -71,6 +72,10 @@ class Learner(LearnerVerbs):
     The step is made of the overridable methods `predict`, `get_loss`, `backward`, `step`,
     `zero_grad`; both engines call them. The verbs beyond `fit` (`lr_find`, `fit_one_cycle`,
     `save`, `load`, `infer`) come from `nntrain.verbs.LearnerVerbs`.
+
+    `device` ("auto": the GPU when there is one, else the CPU; a device or its name; None: leave
+    the model where it is) is where `fit` and `evaluate` run, on both engines, unless a
+    subscriber places the model itself (`DeviceS`, for explicit control): see `placement`.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Learner(LearnerVerbs):
         optim_class: Callable[..., Any] = torch.optim.SGD,
         lr: float = 0.1,
         subs: Sequence[Subscriber] = (),
+        device: str | torch.device | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -100,6 +106,7 @@ class Learner(LearnerVerbs):
         self.optim_class = optim_class  # `optim_class(params, lr)` -> the optimizer
         self.lr = lr  # the learning rate of the next fit (`fit(lr=...)` changes it for later fits too)
         self.subs: list[Subscriber] = check_subscribers(subs)  # attached to every fit
+        self.device = resolve_device(device)  # where fits run when no subscriber places the model (None: as is)
         self.opt: Any = None  # made by the first fit (`create_opt`) and kept: its state survives fits
         # --- the engine running the fit, and the dispatcher it drives ------------------------------
         self.engine: Any = NativeEngine()  # what subscribers ask: rank, backward, step, logging...
@@ -145,6 +152,19 @@ class Learner(LearnerVerbs):
             if sub in self.subs:
                 self.subs.remove(sub)
         self.dispatch.set_subs(self.subs)
+
+    def placement(self, subs: Sequence[Subscriber] = ()) -> list[Subscriber]:
+        """The subscriber that places model and batches on `self.device` for a fit with `subs`
+        (a `DeviceS`, as fastai and Lightning use the GPU when there is one), or none: when a
+        subscriber already does (`role` "device placement"), `device` is None, or everything is
+        on the CPU already."""
+        if self.device is None or any(declared(s, "role") == "device placement" for s in [*self.subs, *subs]):
+            return []
+        if self.device.type == "cpu" and model_device(self.model).type == "cpu":
+            return []
+        from nntrain.subscribers.device import DeviceS  # a default subscriber, as fastai's default callbacks
+
+        return [DeviceS(self.device)]
 
     def publish(self, event: str) -> None:
         """Call every subscriber's handler for `event`, in `order`."""
@@ -196,7 +216,7 @@ class Learner(LearnerVerbs):
         try:
             self.preds = self.call_model(inputs)
         except Exception as exc:  # free when nothing is raised
-            _note_model_failure(exc, inputs, self.model.training)
+            _note_model_failure(exc, inputs, self.model.training, self.model)
             raise
 
     def get_loss(self) -> None:
@@ -325,6 +345,7 @@ class Learner(LearnerVerbs):
             CheckpointError: the checkpoint is unreadable, incomplete or for another model.
         """
         subs = check_subscribers(subs)
+        subs = [*subs, *self.placement(subs)]
         check_fit_args(lr, resume)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
@@ -359,6 +380,7 @@ class Learner(LearnerVerbs):
             `test/<metric>`), the same on every engine.
         """
         subs = check_subscribers(subs)
+        subs = [*subs, *self.placement(subs)]
         runner = resolve_engine(engine)
         runner.check(self, [*self.subs, *subs], trainer_kwargs)
         mode = "valid" if dl is None else "test"
@@ -417,8 +439,9 @@ class MomentumLearner(Learner):
         lr: float = 0.1,
         subs: Sequence[Subscriber] = (),
         mom: float = 0.85,
+        device: str | torch.device | None = "auto",
     ) -> None:
-        super().__init__(model, dls, loss_fn, optim_class, lr, subs)
+        super().__init__(model, dls, loss_fn, optim_class, lr, subs, device)
         self.mom = mom
 
     def zero_grad(self) -> None:

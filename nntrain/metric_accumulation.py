@@ -186,6 +186,9 @@ class MetricAccumulator:
         self.objects: dict[str, Any] = {}
         self.functions: dict[str, Callable[[Tensor, Tensor], Any]] = {}
         for name, metric in self.metrics.items():
+            if isinstance(metric, type):
+                raise TypeError(f"metric {name!r} is the class {metric.__name__}, not a metric: pass an instance, "
+                                f"{name}={metric.__name__}(...)")
             if _is_metric_object(metric):
                 self.objects[name] = metric
             elif callable(metric):

@@ -49,8 +49,10 @@ class EngineRun:
     """One engine's side of `assert_engines_agree`: the learner after the fit, its event trace,
     its per-batch training losses and its `MetricsS` rows."""
 
-    def __init__(self, engine: str, learn: Learner, trace: _Trace, rows: list[list[dict[str, Any]]]) -> None:
+    def __init__(self, engine: str, learn: Learner, trace: _Trace, rows: list[list[dict[str, Any]]],
+                 start: dict[str, torch.Tensor] | None = None) -> None:
         self.engine, self.learn, self.trace, self.rows = engine, learn, trace, rows
+        self.start = start or {}  # the model's state before the fit
 
 
 def _run(engine: str, make_learner: Callable[[], Learner], epochs: int, seed: int, fit: Callable[..., Any],
@@ -58,13 +60,14 @@ def _run(engine: str, make_learner: Callable[[], Learner], epochs: int, seed: in
     learn = make_learner()
     if not isinstance(learn, Learner):
         raise TypeError(f"make_learner() must return a Learner, got {type(learn).__name__}")
+    start = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
     trace = _Trace()
     subs = [*kwargs.pop("subs", ()), trace]
     random.seed(seed)
     torch.manual_seed(seed)
     fit(learn, epochs, subs=subs, engine=engine, **kwargs)
     rows = [list(s.history) for s in [*learn.subs, *subs] if isinstance(getattr(s, "history", None), list)]
-    return EngineRun(engine, learn, trace, rows)
+    return EngineRun(engine, learn, trace, rows, start)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
@@ -74,6 +77,12 @@ def _same(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
 
 
 def _compare(n: EngineRun, lt: EngineRun, atol: float) -> None:
+    for name, a in n.start.items():
+        b = lt.start.get(name)
+        if b is None or not _same(a, b, 0):
+            raise AssertionError(f"make_learner() built two models with different starting weights ({name!r} "
+                                 f"differs), so the engines cannot be compared: seed inside make_learner, e.g. "
+                                 f"torch.manual_seed(0) before building the model")
     for i, (a, b) in enumerate(zip(n.trace.events, lt.trace.events)):
         if a != b:
             raise AssertionError(f"the event traces differ at event #{i}: native {a} vs lightning {b} "

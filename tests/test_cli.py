@@ -37,7 +37,7 @@ from nntrain.learner import Learner, Subscriber
 
 matplotlib.use("Agg")
 
-ROW = re.compile(r"^\s*\d+\s+(train|valid)\s+\S+\s+\S+\s*$")
+ROW = re.compile(r"^\s*\d+(\s+\S+)+\s+\d\d:\d\d(:\d\d)?\s*$")  # epoch, its values, its time
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,8 +87,11 @@ def engine_runs(tmp_path_factory):
 def test_fit_prints_the_table_and_writes_a_run(engine_runs, engine):
     code, out, logdir = engine_runs[engine]
     assert code == 0
-    rows = table_rows(out)
-    assert [r.split()[:2] for r in rows] == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
+    header = next(line.split() for line in out.splitlines() if line.split()[:1] == ["epoch"])
+    assert header == ["epoch", "train_loss", "valid_loss", "train_accuracy", "valid_accuracy", "time"]
+    rows = table_rows(out)  # one row per epoch, with its time, as the notebook's table
+    assert [r.split()[0] for r in rows] == ["0", "1"] and all(len(r.split()) == 6 for r in rows)
+    assert all(re.fullmatch(r"\d\d:\d\d", r.split()[-1]) for r in rows)
     directory = run_dir(out)
     assert directory.parent.parent == logdir and re.fullmatch(rf"{engine}-\d{{8}}-\d{{6}}", directory.parent.name)
     assert directory.name == "version_0"
@@ -409,7 +412,7 @@ def test_sigterm_ends_a_fit_with_status_143_and_a_pipe_gets_no_progress_frames(t
         try:
             for line in fit.stdout:
                 read.append(line)
-                if line.split()[:2] == [b"1", b"train"]:  # the table's row: epoch 0 is over, its best weights saved
+                if line.split()[:1] == [b"1"]:  # epoch 1 is over: epoch 0 and its best weights are saved
                     fit.send_signal(signal.SIGTERM)
                     break
             out_bytes, err_bytes = fit.communicate(timeout=60)

@@ -1,6 +1,6 @@
 """The rules a resume and a recipe set follow: a finished run stays finished, a value given to a
 resuming fit is the schedule's or is refused, a recipe is attached once, and arguments are checked
-when a subscriber is made (issue "Nothing lost, round three")."""
+when a subscriber is made (issue "Nothing lost, round three"); errors name the slip ("The first hour")."""
 
 from __future__ import annotations
 
@@ -157,3 +157,25 @@ def test_grad_clip_arguments_are_checked_when_it_is_made(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradClipS(**kwargs)
     GradClipS(max_norm=1.0, norm_type=float("inf"))
+
+
+# ----- errors that point at the slip ---------------------------------------------------------------
+
+
+def test_a_metric_class_instead_of_an_instance_is_named():
+    from torcheval.metrics import MulticlassAccuracy
+
+    with pytest.raises(TypeError, match=r"'accuracy' is the class MulticlassAccuracy.*MulticlassAccuracy\(\.\.\.\)"):
+        MetricsS(accuracy=MulticlassAccuracy)
+
+
+def test_fit_one_cycle_names_a_fractional_epoch_count():
+    with pytest.raises(ValueError, match=r"epochs must be a positive int, got 2.5"):
+        learner().fit_one_cycle(2.5, 0.1)
+
+
+def test_assert_engines_agree_says_when_make_learner_builds_different_starting_weights():
+    def unseeded():
+        return Learner(torch.nn.Linear(8, 3), tiny_dls(), F.cross_entropy)
+    with pytest.raises(AssertionError, match="different starting weights.*seed inside make_learner"):
+        assert_engines_agree(unseeded, epochs=1)

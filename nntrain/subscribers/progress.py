@@ -145,6 +145,8 @@ class ProgressS(Subscriber):
             self.write_row({"epoch": learn.epoch, "mode": learn.mode, **values})
         if learn.mode != "train" or not getattr(learn, "fit_valid", True):
             self._done = learn.epoch + 1
+            if self._view is not None:
+                self._view.end_epoch()
 
     def cleanup_epoch(self, learn: Any) -> None:
         """Close the pass's bar (also after a cancel or an error) and collect the epoch's plot data."""
@@ -189,7 +191,8 @@ class ProgressS(Subscriber):
             parts = [f"{name} {losses[-1]:.4f}" for name, losses in
                      (("train", self.train_losses), ("valid", self.valid_losses)) if losses]
             ax.figure.set_label(f"loss curves: {', '.join(parts) or 'no losses yet'}")
-        ax.plot(self.train_steps, self.train_losses, label="train")
+        if self.train_losses:
+            ax.plot(self.train_steps, self.train_losses, label="train")
         if self.valid_losses:
             ax.plot(self.valid_steps, self.valid_losses, "o-", label="valid")
         ax.set_xlabel("step")
@@ -220,7 +223,7 @@ class ProgressS(Subscriber):
         self._stale = True
 
     def _draw_plot(self) -> None:
-        if self._stale and self._view is not None:
+        if self._stale and self._view is not None and self.train_losses:  # no curve from evaluation alone
             self._view.plot(self)
         self._stale = False
 

@@ -173,9 +173,12 @@ def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.2
 
     Raises:
         TypeError: `lr` in `fit_kwargs` (the cycle sets it), or a training loader without a length.
+        ValueError: `epochs` is not a positive int.
     """
     if "lr" in fit_kwargs:
         raise TypeError("fit_one_cycle() sets the lr itself: pass lr_max, not lr")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r} (fit_one_cycle(epochs, lr_max))")
     train = learn.dls.train
     if loader_length(train) is None:
         raise TypeError(f"fit_one_cycle needs a training loader with a length (to know the steps); "

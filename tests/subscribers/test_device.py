@@ -90,3 +90,40 @@ def test_dict_batch_is_moved():
     learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy)
     learn.fit(1, valid=False, subs=[DictBatch(), DeviceS("cpu"), Check()])
     assert seen and all(s == {"x": "cpu", 1: "cpu"} for s in seen)
+
+
+# ----- the learner's own placement: the GPU by default --------------------------------------------
+
+
+def test_the_learner_places_itself_on_the_default_device_unless_told_otherwise():
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy)
+    assert learn.device == default_device()
+    placed = learn.placement()
+    if default_device().type == "cpu":
+        assert placed == []  # everything is on the CPU already: no per-batch work
+    else:
+        assert [type(s) for s in placed] == [DeviceS] and placed[0].device == default_device()
+    wanted = Learner(tiny_model(), tiny_dls(), F.cross_entropy, device="cuda:1")
+    assert [(type(s), s.device) for s in wanted.placement()] == [(DeviceS, torch.device("cuda:1"))]
+    assert wanted.placement([DeviceS("cpu")]) == []  # an attached DeviceS decides
+    assert Learner(tiny_model(), tiny_dls(), F.cross_entropy, device=None).placement() == []
+    with pytest.raises(ValueError, match="device must be 'auto'.*'gpu0'"):
+        Learner(tiny_model(), tiny_dls(), F.cross_entropy, device="gpu0")
+
+
+def test_a_model_on_another_device_than_its_inputs_is_named_in_the_error():
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, device=None)
+    learn.model.to("meta")
+    with pytest.raises(Exception) as info:
+        learn.fit(1)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "device cpu" in notes and "the model is on meta and the inputs on cpu" in notes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_a_default_learner_trains_on_the_gpu_on_both_engines(engine):
+    learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, subs=[BatchDevices()])
+    learn.fit(1, engine=engine)
+    assert next(learn.model.parameters()).device.type == "cuda"
+    assert {devices for _, devices in learn.subs[0].seen} == {("cuda", "cuda")}

@@ -102,12 +102,13 @@ def test_without_a_terminal_prints_only_the_rows_and_a_final_line(capsys, bars):
     out, err = capsys.readouterr()
     assert "\r" not in out + err and err == "" and bars == []  # no progress frames at all
     lines = out.splitlines()
-    assert len(lines) == 6  # header + 2 epochs x (train, valid) + the final line
-    assert lines[0].split() == ["epoch", "mode", "loss", "accuracy"]
-    assert [line.split()[:2] for line in lines[1:5]] == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
-    assert len({len(line) for line in lines[:5]}) == 1  # aligned columns
-    assert all(len(line.split()[2].split(".")[1]) == 4 for line in lines[1:5])  # 4 decimals
-    assert lines[5].startswith("2/2 epochs in 00:")
+    assert len(lines) == 4  # header + one row per epoch (its passes side by side, as in a notebook) + the final line
+    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "train_accuracy", "valid_accuracy", "time"]
+    assert [line.split()[0] for line in lines[1:3]] == ["0", "1"]
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
+    assert all(len(cell.split(".")[1]) == 4 for line in lines[1:3] for cell in line.split()[1:5])  # 4 decimals
+    assert lines[1].split()[2] == f"{progress.rows[1]['loss']:.4f}" and lines[1].split()[5].startswith("00:")
+    assert lines[3].startswith("2/2 epochs in 00:")
     assert [(r["epoch"], r["mode"]) for r in progress.rows] == [(0, "train"), (0, "valid"), (1, "train"), (1, "valid")]
     assert metrics.sink is None  # given back after the fit
 
@@ -121,8 +122,8 @@ def test_a_terminal_shows_an_epochs_bar_over_batch_bars_numbered_like_the_table(
     assert [bar.total for bar in passes] == [N_TRAIN_BATCHES, N_VALID_BATCHES] * 2
     assert all(bar.was_closed for bar in bars) and all(bar.position == 1 for bar in passes)
     assert "\r" in err.getvalue() and "loss=" in err.getvalue()  # frames, on the terminal only
-    rows = [line.split()[:2] for line in out.getvalue().splitlines()[1:5]]
-    assert rows == [["0", "train"], ["0", "valid"], ["1", "train"], ["1", "valid"]]
+    rows = [line.split()[0] for line in out.getvalue().splitlines()[1:3]]
+    assert rows == ["0", "1"]  # one row per epoch
     assert out.getvalue().splitlines()[-1].startswith("2/2 epochs in ")
 
 
@@ -209,6 +210,20 @@ def test_notebook_shows_bars_table_and_plot_each_updated_in_place(monkeypatch, c
     assert rows[1].split()[2] == f"{progress.valid_losses[1]:.4f}" and rows[1].split()[-1].startswith("00:")
     assert table.bundle["text/html"].count("<tr>") == 2 and "<th>time</th>" in table.bundle["text/html"]
     assert set(plot.bundle) == {"image/png", "text/plain"} and plot.bundle["text/plain"].startswith("<loss curves")
+
+
+def test_evaluate_draws_no_loss_plot_of_one_dot(monkeypatch):
+    display = pytest.importorskip("IPython.display")
+    handles = []
+    monkeypatch.setattr(display, "display", lambda bundle, raw=False, display_id=False:
+                        handles.append(FakeHandle(bundle)) or handles[-1])
+    progress = ProgressS(plot=True, display="notebook")
+    make_learner([MetricsS(accuracy=batch_accuracy), progress]).evaluate()
+    bars, table, plot = handles
+    assert table.updates == 1 and plot.updates == 0 and plot.bundle == {"text/plain": ""}
+    assert progress.valid_losses and not progress.train_losses
+    ax = progress.plot_losses().axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["valid"]  # no empty "train" entry
 
 
 def test_plot_data_has_one_point_per_train_batch_and_per_epoch(tmp_path):
