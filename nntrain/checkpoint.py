@@ -8,11 +8,13 @@ file or the new one, never half of one. What a checkpoint holds is `nntrain.chec
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import shutil
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "DirectoryLock",
     "sigint_deferred",
     "remove_stale_temporaries",
+    "remove_stale_temporaries_of",
     "save_checkpoint",
     "read_checkpoint",
     "list_checkpoints",
@@ -132,6 +135,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], commit:
             os.replace(tmp, path)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
+            traceback.clear_frames(exc.__traceback__)  # the writer's frames hold the open file: free the disk now
             raise _write_failed(path, exc) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -147,6 +151,32 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+def remove_stale_temporaries_of(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers of `path` (`atomic_write`, e.g. `SaveBestS`'s
+    best-weights file) left when they were killed: those of processes no longer running."""
+    path = Path(path)
+    stale = []
+    for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []:
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+    return stale
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 class DirectoryLock:
     """An advisory lock (`fcntl.flock`) on `<directory>/.nntrain.lock`: one checkpoint writer

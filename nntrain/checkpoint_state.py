@@ -33,11 +33,13 @@ __all__ = [
     "state_keys",
     "subscriber_states",
     "load_subscriber_states",
+    "needed_keys",
     "capture",
     "native_checkpoint",
 ]
 
-LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs")
+LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs",
+                                 "needed")
 """The learner state a checkpoint holds besides the weights and optimizer: the whole of a
 Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a native checkpoint.
 
@@ -50,6 +52,8 @@ Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a
 - `rng`: `rng_state()` at the save; `epoch_rng`: at the start of epoch `e`'s training pass
   (None at an epoch's end or where the loader keeps its own order, Lightning).
 - `subs`: each subscriber's `state_dict()` by its `state_key` (see `state_keys`).
+- `needed`: the keys of `subs` whose subscribers declare `needed_on_resume` (absent from files
+  written before it existed: read as none).
 
 A Lightning checkpoint of several DDP ranks also holds `ranks`: each rank's `{"subs", "rng"}`
 (rank r's at index r; the entries above are rank 0's), so a resume inside an epoch gives
@@ -88,13 +92,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if is_lightning_checkpoint(state):
         missing = [k for k in LIGHTNING_KEYS if k not in state]
         if CHECKPOINT_ENTRY in state:
-            missing += [f"nntrain.{k}" for k in LEARNER_KEYS if k not in state[CHECKPOINT_ENTRY]]
+            missing += [f"nntrain.{k}" for k in LEARNER_KEYS if k not in state[CHECKPOINT_ENTRY] and k != "needed"]
         if missing:
             raise CheckpointError(f"Lightning checkpoint {path} lacks nntrain's learner state (missing "
                                   f"{missing}): was it written while training an nntrain learner?")
         _check_format(path, state[CHECKPOINT_ENTRY]["format"])
         return state
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in REQUIRED_KEYS if k not in state and k != "needed"]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
     _check_format(path, state["format"])
@@ -229,14 +233,28 @@ def _upgrade_keys(states: dict[str, Any]) -> dict[str, Any]:
     return {(key[:-2] if key.endswith("#0") else key): state for key, state in states.items()}
 
 
-def load_subscriber_states(subs: list[Any], states: dict[str, Any]) -> list[str]:
+def needed_keys(subs: list[Any]) -> list[str]:
+    """The `state_key`s of the subscribers that declare `needed_on_resume`."""
+    return [key for key, sub in zip(state_keys(subs), subs) if declared(sub, "needed_on_resume")]
+
+
+def load_subscriber_states(subs: list[Any], states: dict[str, Any], needed: list[str] | tuple[str, ...] = ()
+                           ) -> list[str]:
     """Give each subscriber its state from `subscriber_states` (by `state_key`); return the keys of
     saved states that no subscriber took (a non-empty state that is dropped is warned about).
 
     Raises:
-        CheckpointError: a saved state does not fit its subscriber.
+        CheckpointError: a saved state does not fit its subscriber, or one of `needed` (saved by
+            a subscriber whose absence changes the numbers) has no subscriber to take it.
     """
     keys = state_keys(subs)
+    missing = [key for key in needed if key in states and key not in keys]
+    if missing:
+        raise CheckpointError(
+            f"the run was saved with {', '.join(missing)}, and this fit has no such subscriber to continue "
+            f"{'its' if len(missing) == 1 else 'their'} state (attached: {', '.join(keys) or 'none'}): without "
+            f"it the resumed run trains differently. Attach it as it was saved (the same class, or the same "
+            f"state_key), or start from the weights alone: learn.load(path) and fit without resume=")
     for key, sub in zip(keys, subs):
         if key not in states:
             continue
@@ -266,7 +284,8 @@ def capture(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, 
         "position": {"epoch": epoch, "iter": iter_, "finished": bool(learn.finished)},
         "rng": rng if rng is not None else rng_state(),
         "epoch_rng": None if iter_ is None else epoch_rng,
-        "subs": subs if subs is not None else subscriber_states(learn.subs),
+        "subs": subs if subs is not None else subscriber_states(learn.dispatch.subs),
+        "needed": needed_keys(learn.dispatch.subs),
     }
 
 def native_checkpoint(learn: Any, state: dict[str, Any]) -> dict[str, Any]:

@@ -356,6 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = str(exc) if isinstance(exc, FitInterrupted) else "before training"
             print(f"nntrain: interrupted ({stopped.name}) {where}", file=sys.stderr)
             return 128 + stopped
+        except Exception as exc:
+            from nntrain.checkpoint import CheckpointError  # imported by the fit already
+
+            if not isinstance(exc, CheckpointError):  # a full disk under --save-best: one line too
+                raise
+            print(f"nntrain: error: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class Dispatcher:
     def __init__(self, learn: Any) -> None:
         self.learn = learn
         self.handlers = event_handlers(())
+        self.subs: list[Any] = []  # the subscribers dispatched to (`set_subs`)
         self.one_rank_events: frozenset[str] = frozenset()
         self.agree: Callable[[int], int] | None = None
         self.propagate = True
@@ -120,6 +121,7 @@ class Dispatcher:
         subs = list(subs)
         check_roles(subs, origins)
         self.handlers = event_handlers(subs)
+        self.subs = subs  # what checkpoints save and a resume gives states to (a Trainer flag's recipes too)
         self.one_rank_events = _one_rank_events(self.handlers)
 
     @property

@@ -117,6 +117,11 @@ class Subscriber:
     "gradient clipping", "mixed precision", "device placement"): two attached subscribers with
     the same role are refused before the fit, naming both (together they would do the job twice)."""
 
+    needed_on_resume: bool = False
+    """Its absence changes a resumed run's numbers (a schedule, accumulation, clipping, mixed
+    precision, an early-stop count): a resume from a checkpoint that holds its state is refused
+    when no attached subscriber takes that state. False: the state is dropped with a warning."""
+
     shows_rows: bool = False
     """It shows each pass's logged values itself (a progress display): `MetricsS` then prints no row."""
 

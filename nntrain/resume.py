@@ -55,6 +55,7 @@ class ResumePlan:
     lightning: bool = False
     epoch_offset: int = 0
     finished: bool = False
+    needed: tuple[str, ...] = ()
 
     @property
     def inside_epoch(self) -> bool:
@@ -93,7 +94,8 @@ class ResumePlan:
                 subs, rng = ranks[rank]["subs"], ranks[rank]["rng"]
         return cls(path=str(path), epoch=pos["epoch"], iter=pos["iter"], grads=entry["grads"],
                    global_step=entry["global_step"], rng=rng, epoch_rng=entry["epoch_rng"],
-                   subs=subs, lightning=lightning, epoch_offset=offset, finished=bool(pos.get("finished")))
+                   subs=subs, lightning=lightning, epoch_offset=offset, finished=bool(pos.get("finished")),
+                   needed=tuple(entry.get("needed") or ()))
 
     def key(self) -> tuple[Any, ...]:
         """What identifies the checkpoint across machines: file name, position and step."""
@@ -178,7 +180,7 @@ class ResumePlan:
         """Give `learn`'s subscribers their saved states (by `state_key`) and restore the RNG as it
         was at the checkpoint (the `Dispatcher` calls this once per resumed fit)."""
         try:
-            load_subscriber_states(learn.subs, self.subs)
+            load_subscriber_states(learn.dispatch.subs, self.subs, self.needed)
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {self.path}: {exc}") from exc.__cause__
         set_rng_state(self.rng)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from nntrain.checkpoint import CheckpointError, save_checkpoint
-from nntrain.checkpoint_state import check_model
+from nntrain.checkpoint_state import check_model, check_optimizer
 from nntrain.devices import model_device
 
 __all__ = ["WEIGHTS_FORMAT", "save_weights", "load_weights"]
@@ -31,8 +31,13 @@ def load_weights(learn: Any, path: str | os.PathLike, with_opt: bool = True, str
     """Load a `save_weights` file (or a native checkpoint's weights) into `learn`: the model on
     its device, and the optimizer state when the file has one and `with_opt`; returns the file's dict.
 
+    With `strict=False` the tensors whose names match are loaded and the others left as they
+    are (fine-tuning a model with a new head); a file that matches none is refused.
+
     Raises:
-        CheckpointError: missing or unreadable, no `"model"` entry, or weights for another model.
+        CheckpointError: missing or unreadable, no `"model"` entry, weights for another model
+            (with `strict=False`: no matching name, or a matching name of another shape), or an
+            optimizer state for another optimizer or other parameters.
     """
     path = Path(path)
     try:
@@ -47,10 +52,29 @@ def load_weights(learn: Any, path: str | os.PathLike, with_opt: bool = True, str
         raise CheckpointError(f"{path} holds no model weights (no 'model' entry){hint}: write it with learn.save")
     if strict:
         check_model(learn, path, state["model"])
-    learn.model.load_state_dict(state["model"], strict=strict)
-    if with_opt and state.get("optimizer") is not None:
+    else:
+        _check_partial(learn.model, path, state["model"])
+    load_opt = with_opt and state.get("optimizer") is not None
+    if load_opt:  # checked before anything is loaded: a refused file changes nothing
         if learn.opt is None:
             learn.create_opt()
-        if hasattr(learn.opt, "load_state_dict"):
-            learn.opt.load_state_dict(state["optimizer"])
+        check_optimizer(learn, path, state["optimizer"])
+    learn.model.load_state_dict(state["model"], strict=strict)
+    if load_opt and hasattr(learn.opt, "load_state_dict"):
+        learn.opt.load_state_dict(state["optimizer"])
     return state
+
+
+def _check_partial(model: torch.nn.Module, path: Path, saved: dict[str, Any]) -> None:
+    """For `strict=False`: at least one saved name matches, and every match has the same shape."""
+    own = model.state_dict()
+    common = [k for k in saved if k in own]
+    if not common:
+        raise CheckpointError(f"{path} has no weight whose name matches this model's (it has "
+                              f"{', '.join(list(saved)[:3])}, ...; the model {', '.join(list(own)[:3])}, ...): "
+                              f"nothing would be loaded")
+    for k in common:
+        if tuple(saved[k].shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{path}: {k!r} has shape {tuple(saved[k].shape)} there and "
+                                  f"{tuple(own[k].shape)} in this model; strict=False skips missing names, "
+                                  f"not other shapes")

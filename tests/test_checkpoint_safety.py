@@ -72,7 +72,7 @@ def test_pruning_deletes_only_this_runs_files_never_an_unloadable_newer_one(tmp_
     assert junk.exists()
     saved = learn.subs[1].saved
     assert [p.name for p in saved] == [p.name for p in list_checkpoints(tmp_path) if p != junk][-2:]
-    assert load_checkpoint(saved[-1])["position"] == {"epoch": 3, "iter": None}
+    assert load_checkpoint(saved[-1])["position"] == {"epoch": 3, "iter": None, "finished": False}
 
 
 def test_a_second_writer_of_a_directory_fails_before_training(tmp_path):

@@ -510,3 +510,15 @@ def test_every_public_name_comes_from_the_package():
     exec("from nntrain import *", star)
     assert set(nntrain.__all__) <= set(star)
     assert not hasattr(nntrain, "no_such_name")
+
+
+def test_save_best_on_a_full_disk_is_one_error_line_after_the_epoch_is_saved(tmp_path, capsys, monkeypatch):
+    import nntrain.weights as weights
+    from nntrain.checkpoint import CheckpointError
+
+    def full_disk(state, path):
+        raise CheckpointError(f"could not write checkpoint {path}: OSError: [Errno 28] No space left on device")
+    monkeypatch.setattr(weights, "save_checkpoint", full_disk)
+    best = tmp_path / "best.pt"
+    assert main(["fit", "--epochs", "2", "--save-best", str(best), "--logdir", str(tmp_path / "runs")]) == 1
+    assert_one_error_line(capsys.readouterr(), "No space left on device")

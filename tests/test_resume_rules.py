@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from nntrain.adapters import to_lightning, trainer_defaults
 
 from nntrain import (
+    CheckpointError,
     CheckpointS,
     EarlyStoppingS,
     GradAccumS,
@@ -179,3 +180,57 @@ def test_assert_engines_agree_says_when_make_learner_builds_different_starting_w
         return Learner(torch.nn.Linear(8, 3), tiny_dls(), F.cross_entropy)
     with pytest.raises(AssertionError, match="different starting weights.*seed inside make_learner"):
         assert_engines_agree(unseeded, epochs=1)
+
+
+# ----- nothing lost: dropped states, failed writes, partial loads ---------------------------------
+
+
+@pytest.mark.parametrize("engine", ["native", "lightning"])
+def test_a_resume_without_a_subscriber_whose_state_shapes_the_run_is_refused(tmp_path, engine):
+    sched = lambda: SchedulerS(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 3, 0.5))  # noqa: E731
+    learner(sched(), CheckpointS(tmp_path), lr=0.1).fit(1)
+    with pytest.raises(CheckpointError, match=r"saved with SchedulerS.*learn.load\(path\)"):
+        learner(CheckpointS(tmp_path), lr=0.1).fit(2, resume="last", engine=engine)
+    renamed = sched()
+    renamed.state_key = "SchedulerS"  # a subclass or rename keeps its state through state_key
+    learner(renamed, CheckpointS(tmp_path), lr=0.1).fit(2, resume="last", engine=engine)
+    assert len(renamed.lrs) == 13
+
+
+def test_a_failed_best_weights_write_stops_the_fit_after_the_epoch_is_checkpointed(tmp_path, monkeypatch):
+    from nntrain import SaveBestS
+    from nntrain.checkpoint import CheckpointError as Error
+    import nntrain.weights as weights
+
+    best = tmp_path / "best.pt"
+    stale = tmp_path / f".best.pt.{2 ** 22 + 7}.abcdef.tmp"  # left by a killed run (no such pid)
+    stale.write_bytes(b"half")
+    learn = learner(SaveBestS(best, monitor="valid/loss", mode="min"), CheckpointS(tmp_path / "ck"), lr=0.1)
+
+    def full_disk(*args, **kwargs):
+        raise Error(f"could not write checkpoint {best}: OSError: [Errno 28] No space left on device")
+    monkeypatch.setattr(weights, "save_checkpoint", full_disk)
+    with pytest.raises(Error, match="No space left"):
+        learn.fit(3)
+    assert not stale.exists() and not best.exists()
+    assert [p.name for p in (tmp_path / "ck").glob("ckpt-*.pt")] == ["ckpt-s0000000006-e000000-end.pt"]
+
+
+def test_load_refuses_a_file_that_would_load_nothing_or_the_wrong_optimizer(tmp_path):
+    src = learner(lr=0.1)
+    src.fit(1)
+    path = src.save(tmp_path / "w.pt")
+    from collections import OrderedDict
+
+    other = Learner(torch.nn.Sequential(OrderedDict(lin=torch.nn.Linear(8, 3))), tiny_dls(), F.cross_entropy)
+    with pytest.raises(CheckpointError, match="no weight whose name matches"):
+        other.load(path, strict=False)
+    narrower = Learner(torch.nn.Sequential(torch.nn.Linear(8, 3)), tiny_dls(), F.cross_entropy)
+    with pytest.raises(CheckpointError, match=r"'0.weight' has shape \(16, 8\) there and \(3, 8\)"):
+        narrower.load(path, strict=False)
+    adam = Learner(tiny_model(), tiny_dls(), F.cross_entropy, torch.optim.Adam)
+    before = [p.detach().clone() for p in adam.model.parameters()]
+    with pytest.raises(CheckpointError, match=r"w.pt holds the state of another optimizer"):
+        adam.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(before, adam.model.parameters()))  # nothing half-loaded
+    adam.load(path, with_opt=False)

@@ -232,7 +232,7 @@ class CheckpointS(Subscriber):
             # what an interrupt before the next batch saves: taken now, because the cleanups that
             # run before cleanup_fit (MetricsS drops its buffer) change subscriber state. A held
             # Ctrl-C needs it only for the pass's last batch (an interrupt during validation).
-            self._boundary = (learn.epoch, learn.iter, rng_state(), subscriber_states(learn.subs),
+            self._boundary = (learn.epoch, learn.iter, rng_state(), subscriber_states(learn.dispatch.subs),
                               self._epoch_rng)
         if self._interrupt:
             self._stop_for_interrupt(learn, now=True, iter_=learn.iter)

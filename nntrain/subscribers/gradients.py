@@ -26,6 +26,7 @@ class GradClipS(Subscriber):
     order = 900  # last before_step handler (CheckpointS at 1000 has none)
     one_rank_cancels = False  # never cancels
     role = "gradient clipping"
+    needed_on_resume = True  # without it the resumed run trains differently
 
     def __init__(self, max_norm: float | None = None, norm_type: float = 2.0, max_value: float | None = None) -> None:
         if (max_norm is None) == (max_value is None):
@@ -63,6 +64,7 @@ class GradAccumS(Subscriber):
     order = -900  # first before_step handler: clipping and the like run only before real steps
     one_rank_cancels = False  # cancels from the batch count, the same on every rank
     role = "gradient accumulation"
+    needed_on_resume = True  # without it the resumed run trains differently
 
     def __init__(self, n: int) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -36,6 +36,7 @@ class MixedPrecisionS(Subscriber):
     order = -5  # after DeviceS (-10) placed the model; autocast opens before most before_batch handlers
     one_rank_cancels = False  # never cancels (a skipped step follows from the all-reduced gradients)
     role = "mixed precision"
+    needed_on_resume = True  # its scaler state and autocast shape the run
 
     def __init__(self, dtype: torch.dtype = torch.float16, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:

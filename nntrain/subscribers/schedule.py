@@ -50,6 +50,7 @@ class SchedulerS(Subscriber):
 
     order = 50  # after_step: other subscribers see the lr this step used
     one_rank_cancels = False  # never cancels
+    needed_on_resume = True  # its state shapes the rest of the run
 
     def __init__(self, make_sched: Callable[[Any], Any], interval: str | None = None,
                  monitor: str = "valid/loss") -> None:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nntrain.checkpoint import CheckpointError, remove_stale_temporaries_of
 from nntrain.events import CancelFitException, Subscriber, declared
 
 __all__ = ["Monitor", "EarlyStoppingS", "SaveBestS", "monitored_value"]
@@ -84,6 +85,7 @@ class EarlyStoppingS(Subscriber):
 
     order = 900  # after MetricsS (0) and SaveBestS (800) in after_epoch, before CheckpointS (1000) saves
     one_rank_cancels = False  # cancels from the monitored value, which is global under DDP
+    needed_on_resume = True  # its state shapes the rest of the run
 
     def __init__(self, monitor: str = "valid/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
                  check_finite: bool = True) -> None:
@@ -144,9 +146,13 @@ class SaveBestS(Subscriber):
     `load_best(learn)` (or `learn.load(path)`) puts those weights back. With `with_opt` the file
     also holds the optimizer state.
 
+    A killed run's half-written temporary of `path` is removed at the next `before_fit`. A write
+    that fails (a full disk) is raised in `cleanup_epoch`, after `CheckpointS` saved the epoch.
+
     Raises:
         ValueError: a bad `mode`/`min_delta`; at `before_fit`, a `monitor` no subscriber logs, or
             a `path` that is a directory or cannot be written.
+        CheckpointError: in `cleanup_epoch`, the best weights could not be written.
     """
 
     order = 800  # after MetricsS (0) logged the epoch, before CheckpointS (1000) saves its state
@@ -159,6 +165,7 @@ class SaveBestS(Subscriber):
         self.monitor, self.with_opt = monitor, with_opt
         self.best_epoch: int | None = None
         self.best_path: Path | None = None
+        self._failed: Exception | None = None  # a failed write, raised in cleanup_epoch
 
     @property
     def best_score(self) -> float | None:
@@ -174,17 +181,31 @@ class SaveBestS(Subscriber):
         parent.mkdir(parents=True, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise ValueError(f"SaveBestS cannot write in {parent}: choose a writable path")
+        if learn.engine.rank == 0:
+            remove_stale_temporaries_of(self.path)  # a killed run's half-written best file
+        self._failed = None
 
     def after_epoch(self, learn: Any) -> None:
         """Write the weights when the epoch's value is the best so far."""
         if not _epoch_done(learn):
             return
         value = monitored_value(learn, self.monitor)
+        before = self.tracker.best
         if math.isfinite(value) and self.tracker.improves(value):
-            self.best_epoch = learn.epoch
             if learn.engine.rank == 0:
-                learn.save(self.path, with_opt=self.with_opt)
-            self.best_path = self.path
+                try:
+                    learn.save(self.path, with_opt=self.with_opt)
+                except (CheckpointError, OSError) as exc:  # a full disk: raised once the epoch is saved
+                    self.tracker.best, self._failed = before, exc
+                    return
+            self.best_epoch, self.best_path = learn.epoch, self.path
+
+    def cleanup_epoch(self, learn: Any) -> None:
+        """Raise a failed write of the best weights, now that `CheckpointS` has saved the epoch
+        (the epoch need not be trained again)."""
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
     def load_best(self, learn: Any) -> None:
         """Load the best weights (and optimizer state, if saved) into `learn`.
