@@ -239,6 +239,18 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why `torch.load(weights_only=True)` failed, in nntrain's words (not torch's advice to
+    unpickle arbitrary objects, which nntrain never does)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return ("it holds Python objects other than tensors and plain values, which nntrain does not unpickle "
+                "(a file from another program, or one nntrain did not write)")
+    detail = "" if "weights_only" in text or not text else f": {text.splitlines()[0][:200]}"
+    return f"not a file torch.save wrote whole (corrupt, truncated, or another kind of file; {type(exc).__name__}" \
+           f"{detail})"
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """The dict saved at `path` (tensors and plain values only: `weights_only=True`).
 
@@ -251,8 +263,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint file at {path}") from None
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded (corrupt or truncated?): "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_failure(exc)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is not a dict but a {type(state).__name__}")
     return state

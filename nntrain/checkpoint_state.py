@@ -149,7 +149,13 @@ def find_checkpoint(learn: Any, resume: str | os.PathLike) -> tuple[Path, dict[s
             raise ValueError('resume="last" needs a CheckpointS among the subscribers (or pass a path)')
         if os.path.exists(dirs[0]) and not os.path.isdir(dirs[0]):
             raise CheckpointError(f'resume="last": the CheckpointS directory {dirs[0]} is a file, not a directory')
-        return latest_checkpoint(dirs[0])
+        found = latest_checkpoint(dirs[0])
+        files = list_checkpoints(dirs[0])
+        if found is None and files:  # not a fresh start: this run's files, none of them usable
+            raise CheckpointError(f'resume="last": none of the {len(files)} checkpoints in {dirs[0]} loads (newest '
+                                  f'{files[-1].name}; the warnings above say why): resume from a path you trust, '
+                                  f'or move them away to start afresh')
+        return found
     if os.path.isdir(resume):
         found = latest_checkpoint(resume)
         if found is None:

@@ -166,9 +166,14 @@ def loader_length(dl: Any) -> int | None:
         return None
 
 
-def check_loaders(dls: Any) -> None:
-    """Raise before a fit for a training loader that is empty, or a loader that would be used up
-    after one pass (an iterator or generator)."""
+def check_loaders(dls: Any, model: Any = None) -> None:
+    """Raise before a fit for a missing, empty or not iterable training loader, a loader that
+    would be used up after one pass (an iterator or generator), or (for a `model` with BatchNorm)
+    a training loader whose last batch holds one sample."""
+    for name, dl in (("train", dls.train), ("valid", dls.valid)):
+        if (dl is None and name == "train") or (dl is not None and not hasattr(dl, "__iter__")):
+            raise TypeError(f"dls.{name} is {'None' if dl is None else 'a ' + type(dl).__name__}, not a loader: "
+                            f"give a DataLoader (or anything iterable again each epoch) of (inputs, targets)")
     if loader_length(dls.train) == 0:
         raise ValueError("the training loader is empty (len(dls.train) == 0): check the dataset and that "
                          "batch_size is not larger than the dataset with drop_last=True")
@@ -177,3 +182,23 @@ def check_loaders(dls: Any) -> None:
             raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
                             f"pass and the next epochs would train on nothing; give a DataLoader or another "
                             f"object that can be iterated again")
+    if model is not None:
+        _check_single_sample_tail(model, dls.train)
+
+
+def _check_single_sample_tail(model: Any, dl: Any) -> None:
+    """A BatchNorm model cannot train on a batch of one: find the loader's last batch of one up front
+    (a plain `DataLoader` over a sized dataset with the default sampler), not at the epoch's end."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    bs, dataset = getattr(dl, "batch_size", None), getattr(dl, "dataset", None)
+    if not isinstance(bs, int) or getattr(dl, "drop_last", True) or not isinstance(
+            getattr(dl, "sampler", None), (RandomSampler, SequentialSampler)) or not hasattr(dataset, "__len__"):
+        return
+    n = len(dataset)
+    if n > 1 and n % bs == 1:
+        raise ValueError(f"the training loader's last batch holds 1 sample ({n} samples, batch_size {bs}) and the "
+                         f"model has BatchNorm, which cannot train on one sample: set drop_last=True on the "
+                         f"training loader, or another batch_size")

@@ -304,7 +304,7 @@ class Learner(LearnerVerbs):
         The optimizer is made on the first fit and kept afterwards (its state survives between
         fits); `lr` sets the learning rate for this fit and the ones after it.
         """
-        check_loaders(self.dls)
+        check_loaders(self.dls, self.model)
         if self.opt is None:
             self.create_opt(lr)
         elif lr is not None:

@@ -105,8 +105,17 @@ def test_a_model_failure_names_the_input_shape_and_dtype():
 
 
 def test_a_batchnorm_batch_of_one_points_to_drop_last():
-    dls = SimpleNamespace(train=DataLoader(tiny_data(97), batch_size=16), valid=DataLoader(tiny_data(16), batch_size=16))
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    valid = DataLoader(tiny_data(16), batch_size=16)
     model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    dls = SimpleNamespace(train=DataLoader(tiny_data(97), batch_size=16), valid=valid)
+    learn = learner(model=model, dls=dls)
+    with pytest.raises(ValueError, match=r"last batch holds 1 sample \(97 samples, batch_size 16\).*drop_last=True"):
+        learn.fit(1)  # found from the loader before any batch
+    assert learn.global_step == 0
+    sampler = BatchSampler(SequentialSampler(range(97)), 16, drop_last=False)  # a loader it cannot see into
+    dls = SimpleNamespace(train=DataLoader(tiny_data(97), batch_sampler=sampler), valid=valid)
     with pytest.raises(ValueError, match="more than 1 value per channel") as info:
         learner(model=model, dls=dls).fit(1)
     assert any("drop_last=True" in note for note in info.value.__notes__)

@@ -234,3 +234,21 @@ def test_load_refuses_a_file_that_would_load_nothing_or_the_wrong_optimizer(tmp_
         adam.load(path)
     assert all(torch.equal(a, b) for a, b in zip(before, adam.model.parameters()))  # nothing half-loaded
     adam.load(path, with_opt=False)
+
+
+def test_slips_in_loaders_and_checkpoint_files_are_named_before_training(tmp_path):
+    learn = learner()
+    learn.dls.train = None
+    with pytest.raises(TypeError, match="dls.train is None, not a loader"):
+        learn.fit(1)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="cannot be loaded: not a file torch.save wrote") as info:
+        learner().fit(1, resume=text)
+    assert "weights_only" not in str(info.value)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "ckpt-s0000000006-e000000-end.pt").write_bytes(b"truncated")
+    with pytest.warns(RuntimeWarning, match="skipping unusable"), \
+            pytest.raises(CheckpointError, match=r'none of the 1 checkpoints in .*ck loads'):
+        learner(CheckpointS(ck)).fit(1, resume="last")
