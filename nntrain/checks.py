@@ -63,8 +63,12 @@ def _note_model_failure(exc: BaseException, inputs: Any, training: bool, model: 
     for inputs on another device than the model, the fix) to a failure of the forward pass."""
     if not hasattr(exc, "add_note"):
         return
-    desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}, device {inputs.device}" \
-        if isinstance(inputs, torch.Tensor) else _describe(inputs)
+    if isinstance(inputs, torch.Tensor):
+        desc = f"shape {tuple(inputs.shape)}, dtype {inputs.dtype}, device {inputs.device}"
+    elif isinstance(inputs, Mapping):  # the model's keyword arguments: each one's shape
+        desc = "{" + ", ".join(f"{k!r}: {_describe(v).removeprefix('a tensor of ')}" for k, v in inputs.items()) + "}"
+    else:
+        desc = _describe(inputs)
     exc.add_note(f"model(inputs) failed: inputs {desc}")
     model_devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
     input_devices = _devices(inputs)
@@ -182,8 +186,27 @@ def check_loaders(dls: Any, model: Any = None) -> None:
             raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
                             f"pass and the next epochs would train on nothing; give a DataLoader or another "
                             f"object that can be iterated again")
+    _check_valid_targets(dls.valid)
     if model is not None:
         _check_single_sample_tail(model, dls.train)
+
+
+def _check_valid_targets(dl: Any) -> None:
+    """Refuse up front a validation set of mappings without targets (found at its first item),
+    rather than after a whole training pass."""
+    dataset = getattr(dl, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        return
+    try:
+        if len(dataset) == 0:
+            return
+        item = dataset[0]
+    except Exception:  # not indexable by position: the loop finds out
+        return
+    if isinstance(item, Mapping) and not any(k in item for k in TARGET_KEYS):
+        raise ValueError(f"the validation set's items have no targets (keys: {sorted(map(str, item))}; targets "
+                         f"go under {' or '.join(map(repr, TARGET_KEYS))}): the validation loss needs them; add "
+                         f"them, or fit with valid=False")
 
 
 def _check_single_sample_tail(model: Any, dl: Any) -> None:

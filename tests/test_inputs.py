@@ -191,3 +191,38 @@ def test_a_subscriber_state_that_does_not_fit_names_the_subscriber(run_dir):
     torch.save(state, run_dir.parent / "renamed.pt")
     with pytest.raises(CheckpointError, match=r"saved state of MetricsV2 does not fit this MetricsV2 \(KeyError"):
         learn.fit(3, resume=run_dir.parent / "renamed.pt")
+
+
+class _Dicts(torch.utils.data.Dataset):
+    """Mapping items, with or without targets under 'labels'."""
+
+    def __init__(self, labels: bool = True) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i):
+        item = {"x": torch.full((8,), float(i))}
+        return {**item, "labels": torch.tensor(i % 3)} if self.labels else item
+
+
+class _KwargModel(nn.Module):
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.lin, self.broken = nn.Linear(8, 3), broken
+
+    def forward(self, x):
+        return self.lin(x) + (torch.zeros(5, 3) if self.broken else 0)
+
+
+def test_validation_items_without_targets_are_refused_before_training_and_dict_inputs_show_each_shape():
+    dls = SimpleNamespace(train=DataLoader(_Dicts(), batch_size=8), valid=DataLoader(_Dicts(False), batch_size=8))
+    learn = learner(model=_KwargModel(), dls=dls)
+    with pytest.raises(ValueError, match=r"validation set's items have no targets \(keys: \['x'\]"):
+        learn.fit(1)
+    assert learn.global_step == 0
+    dls.valid = DataLoader(_Dicts(), batch_size=8)
+    with pytest.raises(RuntimeError) as info:
+        learner(model=_KwargModel(broken=True), dls=dls).fit(1)
+    assert "model(inputs) failed: inputs {'x': shape (8, 8)}" in info.value.__notes__
