@@ -1,4 +1,5 @@
-"""Devices: `to_device` (nested batches), `default_device` and `model_device`, shared by the loop and `DeviceS`."""
+"""Devices: `to_device` (nested batches), `default_device`, `resolve_device`, `model_device`, and
+`DeviceS`, the subscriber that places model and batches (the learner attaches one by default on a GPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_device", "to_device", "model_device"]
+from nntrain.events import Subscriber
+
+__all__ = ["DeviceS", "default_device", "model_device", "resolve_device", "to_device"]
 
 
 def default_device() -> torch.device:
@@ -54,3 +57,41 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where `model`'s parameters are (the CPU for a model without any)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+class DeviceS(Subscriber):
+    """Moves the model (and optimizer state) to `device` before the fit, and each batch before it runs.
+
+    Args:
+        device: a device or its name; "auto" means CUDA if available, else the CPU.
+
+    Native engine only: an engine that places the model and batches itself (Lightning) reads
+    `engine_needs()` instead and runs on this device.
+    """
+
+    order = -10  # before other subscribers' before_batch, so they see the batch on the device
+    one_rank_cancels = False  # never cancels
+    role = "device placement"
+    engines = ("native",)
+
+    def __init__(self, device: str | torch.device = "auto") -> None:
+        self.device = default_device() if device == "auto" else torch.device(device)
+        # A non-blocking copy to the host could be read before it lands; to an accelerator it is safe.
+        self.non_blocking = self.device.type != "cpu"
+
+    def engine_needs(self) -> dict[str, Any]:
+        """What an engine that does this subscriber's job itself must provide: the device."""
+        return {"device": self.device}
+
+    def before_fit(self, learn: Any) -> None:
+        """Move the model's parameters in place (the optimizer keeps them) and the optimizer state."""
+        learn.model.to(self.device)
+        opt = learn.opt
+        if isinstance(opt, torch.optim.Optimizer) and opt.state:
+            # Reloading casts the state onto each parameter's device with torch's own rules
+            # (for example a non-capturable Adam keeps `step` on the CPU).
+            opt.load_state_dict(opt.state_dict())
+
+    def before_batch(self, learn: Any) -> None:
+        """Move the batch to the device."""
+        learn.batch = to_device(learn.batch, self.device, self.non_blocking)

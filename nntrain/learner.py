@@ -27,7 +27,7 @@ from nntrain.checks import (
     loader_length,
     split_batch,
 )
-from nntrain.devices import model_device, resolve_device
+from nntrain.devices import DeviceS, model_device, resolve_device
 from nntrain.dispatch import Dispatcher
 from nntrain.engines import NativeEngine, collate_preds, resolve_engine
 from nntrain.events import (
@@ -162,9 +162,7 @@ class Learner(LearnerVerbs):
             return []
         if self.device.type == "cpu" and model_device(self.model).type == "cpu":
             return []
-        from nntrain.subscribers.device import DeviceS  # a default subscriber, as fastai's default callbacks
-
-        return [DeviceS(self.device)]
+        return [DeviceS(self.device)]  # a default subscriber, as fastai's default callbacks
 
     def publish(self, event: str) -> None:
         """Call every subscriber's handler for `event`, in `order`."""
