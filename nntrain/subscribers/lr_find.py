@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from nntrain import lr_suggest
 from nntrain.events import (
     CancelEpochException,
     CancelFitException,
@@ -28,7 +29,6 @@ from nntrain.lr_suggest import (
     SUGGESTIONS,
     smooth,
     steepest,
-    suggest as suggest_point,
     suggestion,
     suggestions,
     trimmed_range,
@@ -108,7 +108,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], ax: Axes | None 
     marks: list[tuple[str, float]] = []  # (method, suggested lr)
     if suggest and pairs:
         try:
-            marks = [(name, suggest_point(lrs, losses, name, beta, trim)[0]) for name in methods]
+            marks = [(name, lr_suggest.suggest(lrs, losses, name, beta, trim)[0]) for name in methods]
         except ValueError as exc:  # too short a curve; an unknown method still fails
             if "method" in str(exc):
                 raise
@@ -139,7 +139,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], ax: Axes | None 
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
-    return ax.figure
+    return ax.figure  # type: ignore[return-value]  # a SubFigure when the `ax` given lies in one
 
 
 # ----- the subscriber --------------------------------------------------------------------------
@@ -343,6 +343,6 @@ def lr_find(
         if opt_state is not None:
             opt.load_state_dict(opt_state)
         elif opt is not None:
-            set_lr(opt, opt_lr)
+            set_lr(opt, opt_lr)  # type: ignore[arg-type]  # read above exactly when this branch runs
         learn.lr, learn.global_step = lr, global_step
     return SuggestedLRs(finder.lrs, finder.losses, trim=trim)

@@ -118,11 +118,11 @@ def fastai_slide(lrs, losses, lr_diff=15, thresh=0.005):
     import numpy as np
 
     grad = np.gradient(np.array(losses))
-    r, l = -1, -1 - lr_diff
-    pick = lrs[l]
-    while l >= -len(losses) and abs(grad[r] - grad[l]) > thresh:
-        pick = lrs[l]
-        r, l = r - 1, l - 1
+    right, left = -1, -1 - lr_diff
+    pick = lrs[left]
+    while left >= -len(losses) and abs(grad[right] - grad[left]) > thresh:
+        pick = lrs[left]
+        right, left = right - 1, left - 1
     return pick
 
 
