@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from nntrain.optim import check_lr_range
+
 __all__ = [
     "TARGET_KEYS",
     "split_batch",
@@ -112,11 +114,11 @@ def check_fit_args(lr: Any, resume: Any) -> None:
     """Raise for a `fit` argument of the wrong kind, before anything runs.
 
     Raises:
-        ValueError: `lr` not a finite number >= 0.
+        ValueError: `lr` not a finite number >= 0 or a `slice(lo, hi)` (`check_lr_range`).
         TypeError: `resume` not a path, a directory or "last" (`True`, "").
     """
     if lr is not None:
-        check_lr(lr)
+        check_lr_range(lr)
     if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))
                                or str(resume) == ""):
         raise TypeError(f'resume must be a checkpoint file, a directory or "last", got {resume!r}')

@@ -164,7 +164,7 @@ class SchedulerS(Subscriber):
                 group["lr"] = lr
 
 
-def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
+def fit_one_cycle(learn: Any, epochs: int, lr_max: float | slice, pct_start: float = 0.25, div: float = 25.0,
                   div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   **fit_kwargs: Any) -> Any:
     """`learn.fit(epochs, **fit_kwargs)` with a `SchedulerS(OneCycle(...))` attached for the fit
