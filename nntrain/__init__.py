@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         CancelStepException,
         Subscriber,
     )
+    from nntrain.export import load_learner
     from nntrain.learner import Learner, MomentumLearner
     from nntrain.schedules import OneCycle
     from nntrain.subscribers import (
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         SchedulerS,
         TensorBoardS,
     )
+    from nntrain.subscribers.lr_find import SuggestedLRs
 
 _EXPORTS: dict[str, str] = {
     "EVENTS": "nntrain.events",
@@ -73,12 +75,14 @@ _EXPORTS: dict[str, str] = {
     "SaveBestS": "nntrain.subscribers",
     "SchedulerS": "nntrain.subscribers",
     "Subscriber": "nntrain.events",
+    "SuggestedLRs": "nntrain.subscribers.lr_find",
     "TensorBoardS": "nntrain.subscribers",
     "digits_dataset_dict": "nntrain.data",
     "hf_ds_collate_fn": "nntrain.data",
     "latest_checkpoint": "nntrain.checkpoint_state",
     "load_checkpoint": "nntrain.checkpoint_state",
     "load_dataset_dict": "nntrain.data",
+    "load_learner": "nntrain.export",
     "save_checkpoint": "nntrain.checkpoint",
 }
 """Each public name and the module that defines it (or, for `nntrain.subscribers`, re-exports it)."""
@@ -108,12 +112,14 @@ __all__ = [
     "SaveBestS",
     "SchedulerS",
     "Subscriber",
+    "SuggestedLRs",
     "TensorBoardS",
     "digits_dataset_dict",
     "hf_ds_collate_fn",
     "latest_checkpoint",
     "load_checkpoint",
     "load_dataset_dict",
+    "load_learner",
     "save_checkpoint",
 ]
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from nntrain.optim import check_lr_range
+
 __all__ = [
     "TARGET_KEYS",
     "split_batch",
@@ -135,11 +137,11 @@ def check_fit_args(lr: Any, resume: Any) -> None:
     """Raise for a `fit` argument of the wrong kind, before anything runs.
 
     Raises:
-        ValueError: `lr` not a finite number >= 0.
+        ValueError: `lr` not a finite number >= 0 or a `slice(lo, hi)` (`check_lr_range`).
         TypeError: `resume` not a path, a directory or "last" (`True`, "").
     """
     if lr is not None:
-        check_lr(lr)
+        check_lr_range(lr)
     if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))
                                or str(resume) == ""):
         raise TypeError(f'resume must be a checkpoint file, a directory or "last", got {resume!r}')
@@ -220,7 +222,7 @@ def _check_single_sample_tail(model: Any, dl: Any) -> None:
     if not isinstance(bs, int) or getattr(dl, "drop_last", True) or not isinstance(
             getattr(dl, "sampler", None), (RandomSampler, SequentialSampler)) or not hasattr(dataset, "__len__"):
         return
-    n = len(dataset)
+    n = len(dataset)  # type: ignore[arg-type]  # has __len__: checked above
     if n > 1 and n % bs == 1:
         raise ValueError(f"the training loader's last batch holds 1 sample ({n} samples, batch_size {bs}) and the "
                          f"model has BatchNorm, which cannot train on one sample: set drop_last=True on the "

@@ -267,7 +267,10 @@ def run_fit(args: argparse.Namespace) -> int:
     try:
         if args.lr_find:
             finder = learn.lr_find(engine=args.engine)
-            print(f"lr finder: suggested lr {finder.suggestion():.2e} (this run uses --lr {args.lr:g})")
+            others = ", ".join(f"{name} {lr:.2e}" for name, lr in finder.suggestions.items()
+                               if name != "valley" and lr is not None)
+            print(f"lr finder: suggested lr {finder.suggestion():.2e} (valley; {others}; this run uses "
+                  f"--lr {args.lr:g})")
         # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
         if args.one_cycle:
             learn.fit_one_cycle(args.epochs, lr_max=args.lr, engine=args.engine, subs=fit_subs)

@@ -23,7 +23,6 @@ from nntrain.checks import (
     check_batch_structure,
     check_fit_args,
     check_loaders,
-    check_lr,
     loader_length,
     split_batch,
 )
@@ -41,7 +40,8 @@ from nntrain.events import (
     check_subscribers,
     declared,
 )
-from nntrain.optim import get_lr, set_lr
+from nntrain.freeze import Splitter, make_optimizer, use_lr
+from nntrain.optim import LR, check_lr_range, get_lr, set_lr
 from nntrain.verbs import LearnerVerbs
 
 __all__ = [
@@ -84,9 +84,10 @@ class Learner(LearnerVerbs):
         dls: Any,
         loss_fn: Callable[..., torch.Tensor],
         optim_class: Callable[..., Any] = torch.optim.SGD,
-        lr: float = 0.1,
+        lr: LR = 0.1,
         subs: Sequence[Subscriber] = (),
         device: str | torch.device | None = "auto",
+        splitter: Splitter | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -98,13 +99,16 @@ class Learner(LearnerVerbs):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if not callable(optim_class):
             raise TypeError(f"optim_class must be callable as optim_class(params, lr), got {optim_class!r}")
-        check_lr(lr)
+        check_lr_range(lr)
+        if splitter is not None and not callable(splitter):
+            raise TypeError(f"splitter must be callable as splitter(model) -> parameter groups, got {splitter!r}")
         # --- what is trained: given here, the user's to change ------------------------------------
         self.model = model  # the nn.Module trained (its `training` flag is the pass's mode)
         self.dls = dls  # `.train` and `.valid` loaders
         self.loss_fn = loss_fn  # `loss_fn(preds, targets)` -> a scalar tensor
         self.optim_class = optim_class  # `optim_class(params, lr)` -> the optimizer
         self.lr = lr  # the learning rate of the next fit (`fit(lr=...)` changes it for later fits too)
+        self.splitter = splitter  # model -> parameter groups (freeze, lr=slice); None: body and head (nntrain.freeze)
         self.subs: list[Subscriber] = check_subscribers(subs)  # attached to every fit
         self.device = resolve_device(device)  # where fits run when no subscriber places the model (None: as is)
         self.opt: Any = None  # made by the first fit (`create_opt`) and kept: its state survives fits
@@ -130,7 +134,7 @@ class Learner(LearnerVerbs):
         self.grad_scaling: Any = None  # a nntrain.amp.GradScaling while fp16 training scales the loss
         self.logs: dict[str, float] = {}  # the current epoch's logged values by name (`learn.log`)
         self.resume_plan: Any = None  # the checkpoint this fit continues from (a ResumePlan), else None
-        self.fit_lr: float | None = None  # the `lr=` given to the running fit (None: none given)
+        self.fit_lr: LR | None = None  # the `lr=` given to the running fit (None: none given)
         self.finished = False  # a subscriber ended the run early (EarlyStoppingS): checkpoints say so
         self.dispatch.set_subs(self.subs)
 
@@ -286,9 +290,10 @@ class Learner(LearnerVerbs):
 
     # ----- the envelope: fit, evaluate, get_preds ---------------------------------------------
 
-    def create_opt(self, lr: float | None = None) -> Any:
-        """Make `self.opt` from `optim_class(model.parameters(), lr)` and return it."""
-        self.opt = self.optim_class(self.model.parameters(), self.lr if lr is None else lr)
+    def create_opt(self, lr: LR | None = None) -> Any:
+        """Make `self.opt` from `optim_class(model.parameters(), lr)` and return it; with a slice
+        `lr` or a `splitter`, over the parameter groups, each with its lr (`nntrain.freeze`)."""
+        self.opt = make_optimizer(self, self.lr if lr is None else lr)
         if not (callable(getattr(self.opt, "step", None)) and callable(getattr(self.opt, "zero_grad", None))):
             raise TypeError(
                 f"optim_class returned {type(self.opt).__name__}, which lacks step() and zero_grad(); "
@@ -296,7 +301,7 @@ class Learner(LearnerVerbs):
             )
         return self.opt
 
-    def prepare_fit(self, lr: float | None) -> None:
+    def prepare_fit(self, lr: LR | None) -> None:
         """Check the loaders and set up the optimizer (shared by every engine).
 
         The optimizer is made on the first fit and kept afterwards (its state survives between
@@ -306,7 +311,7 @@ class Learner(LearnerVerbs):
         if self.opt is None:
             self.create_opt(lr)
         elif lr is not None:
-            set_lr(self.opt, lr)
+            use_lr(self, lr)  # a slice first gives the optimizer the splitter's groups
         if lr is not None:
             self.lr = lr
 
@@ -316,7 +321,7 @@ class Learner(LearnerVerbs):
         train: bool = True,
         valid: bool = True,
         subs: Sequence[Subscriber] = (),
-        lr: float | None = None,
+        lr: LR | None = None,
         engine: str = "native",
         resume: str | os.PathLike | None = None,
         **trainer_kwargs: Any,
@@ -328,7 +333,8 @@ class Learner(LearnerVerbs):
             train: run the training pass of each epoch.
             valid: run the validation pass of each epoch.
             subs: subscribers attached for this call only (always removed afterwards).
-            lr: learning rate for this fit (kept for later fits).
+            lr: learning rate for this fit (kept for later fits); `slice(lo, hi)` spreads it over
+                the parameter groups (`nntrain.optim.lr_range`), as fastai's discriminative lrs.
             engine: "native" (`NativeEngine`'s loop) or a registered engine ("lightning": a
                 `lightning.Trainer`, see `nntrain.adapters`); `trainer_kwargs` go to the Trainer.
             resume: continue exactly from a checkpoint: a file, a directory (its newest loadable
@@ -434,12 +440,13 @@ class MomentumLearner(Learner):
         dls: Any,
         loss_fn: Callable[..., torch.Tensor],
         optim_class: Callable[..., Any] = torch.optim.SGD,
-        lr: float = 0.1,
+        lr: LR = 0.1,
         subs: Sequence[Subscriber] = (),
         mom: float = 0.85,
         device: str | torch.device | None = "auto",
+        splitter: Splitter | None = None,
     ) -> None:
-        super().__init__(model, dls, loss_fn, optim_class, lr, subs, device)
+        super().__init__(model, dls, loss_fn, optim_class, lr, subs, device, splitter)
         self.mom = mom
 
     def zero_grad(self) -> None:

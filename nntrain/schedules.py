@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from nntrain.optim import check_lr_range, lr_range
+
 __all__ = ["cos_anneal", "one_cycle", "OneCycle", "momentum_key"]
 
 
@@ -47,25 +49,31 @@ class OneCycle:
     Args:
         optimizer: a torch optimizer (anything with `param_groups`).
         total_steps: optimizer steps in the whole cycle; past them the final values hold.
-        lr_max, pct_start, div, div_final, moms: see `one_cycle` (`moms` None: momentum untouched).
+        lr_max, pct_start, div, div_final, moms: see `one_cycle` (`moms` None: momentum untouched);
+            `lr_max` may be a `slice(lo, hi)`: each param group cycles to its own peak
+            (`nntrain.optim.lr_range`, fastai's discriminative lrs).
 
     Raises:
         ValueError: `total_steps` < 1, `pct_start` outside [0, 1), `div`/`div_final` <= 0.
     """
 
-    def __init__(self, optimizer: Any, total_steps: int, lr_max: float, pct_start: float = 0.25,
+    def __init__(self, optimizer: Any, total_steps: int, lr_max: float | slice, pct_start: float = 0.25,
                  div: float = 25.0, div_final: float = 1e5,
                  moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)) -> None:
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if not 0 <= pct_start < 1:
             raise ValueError(f"pct_start must be in [0, 1), got {pct_start!r}")
-        if not (lr_max > 0 and div > 0 and div_final > 0) or math.isinf(lr_max):
+        if isinstance(lr_max, slice):
+            check_lr_range(lr_max, "lr_max")
+        lr_maxes = lr_range(lr_max, len(optimizer.param_groups))
+        if not (min(lr_maxes) > 0 and div > 0 and div_final > 0) or math.isinf(max(lr_maxes)):
             raise ValueError(f"lr_max, div and div_final must be positive and finite, got {lr_max!r}, {div!r}, "
                              f"{div_final!r}")
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.lr_max, self.pct_start, self.div, self.div_final = lr_max, pct_start, div, div_final
+        self.lr_maxes = lr_maxes  # each param group's peak
         self.moms = (*moms,) if moms is not None else None
         self.keys = [momentum_key(g) if self.moms is not None else None for g in optimizer.param_groups]
         self.last_step = 0
@@ -73,8 +81,8 @@ class OneCycle:
 
     def _apply(self) -> None:
         pos = min(self.last_step / self.total_steps, 1.0)
-        lr, mom = one_cycle(pos, self.lr_max, self.pct_start, self.div, self.div_final, self.moms or (0, 0, 0))
-        for group, key in zip(self.optimizer.param_groups, self.keys):
+        for group, key, lr_max in zip(self.optimizer.param_groups, self.keys, self.lr_maxes):
+            lr, mom = one_cycle(pos, lr_max, self.pct_start, self.div, self.div_final, self.moms or (0, 0, 0))
             group["lr"] = lr
             if key == "betas":
                 group["betas"] = (mom, *tuple(group["betas"])[1:])

@@ -77,9 +77,9 @@ def _same(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
 
 
 def _compare(n: EngineRun, lt: EngineRun, atol: float) -> None:
-    for name, a in n.start.items():
-        b = lt.start.get(name)
-        if b is None or not _same(a, b, 0):
+    for name, start in n.start.items():
+        other = lt.start.get(name)
+        if other is None or not _same(start, other, 0):
             raise AssertionError(f"make_learner() built two models with different starting weights ({name!r} "
                                  f"differs), so the engines cannot be compared: seed inside make_learner, e.g. "
                                  f"torch.manual_seed(0) before building the model")

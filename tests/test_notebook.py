@@ -1,5 +1,6 @@
 """In a Jupyter notebook (a real kernel, run by nbclient): every plot shows once as a PNG without
-`%matplotlib`, and ProgressS shows its bars, one table and the live plot, each updated in place."""
+`%matplotlib`, `learn.lr_find()` shows its plot and its suggestions by itself, and ProgressS shows
+its bars, one table and the live plot, each updated in place."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from nntrain.subscribers.metrics import batch_accuracy
 from tests.helpers import tiny_dls, tiny_model
 learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, torch.optim.SGD, 0.1,
                 subs=[MetricsS(accuracy=batch_accuracy), ProgressS(plot=True)])""",
+    "learn.lr_find(start_lr=1e-4)",  # the result shows itself: its plot, its suggestions as text
     "lrf = learn.lr_find(start_lr=1e-4)\nlrf.plot()",
     "learn.fit_one_cycle(2, lr_max=0.2)",
     "learn.scheduler.plot()",
     "%matplotlib inline\nimport matplotlib.pyplot as plt\nlrf.plot()",  # pyplot's inline display adds no copy
 ]
-SETUP, LR_PLOT, FIT, SCHEDULE_PLOT, INLINE_LR_PLOT = range(len(CELLS))
+SETUP, LR_FIND, LR_PLOT, FIT, SCHEDULE_PLOT, INLINE_LR_PLOT = range(len(CELLS))
 
 
 class RecordingClient(nbclient.NotebookClient):
@@ -62,6 +64,13 @@ def test_plots_show_once_as_png_without_matplotlib_magic(executed):
         assert out.output_type == "execute_result" and "image/png" in out.data, cell
     assert outputs(executed, LR_PLOT)[0].data["text/plain"].startswith("<LR finder: ")
     assert outputs(executed, SCHEDULE_PLOT)[0].data["text/plain"].startswith("<lr schedule: ")
+
+
+def test_lr_find_shows_its_plot_and_its_suggestions(executed):
+    (out,) = outputs(executed, LR_FIND)  # one output: the result, as a picture with its text
+    assert out.output_type == "execute_result" and "image/png" in out.data
+    text = out.data["text/plain"]
+    assert text.startswith("SuggestedLRs(valley=") and all(f"{m}=" in text for m in ("steepest", "minimum", "slide"))
 
 
 def test_nothing_shows_as_figure_text_or_terminal_frames(executed):

@@ -1,25 +1,38 @@
-"""The learning-rate finder: the suggestion algorithm, the `LRFindS` subscriber and `lr_find`.
+"""The learning-rate finder: the `LRFindS` subscriber, `lr_find` and its result `SuggestedLRs`,
+and the LR-finder plot.
 
 The search trains with a learning rate that grows by `mult` every training batch and records
-the loss until it explodes. The suggestion functions are plain functions of the recorded
-curve, so they are tested alone and shared by both engines.
+the loss until it explodes. The suggestions are plain functions of the recorded curve
+(`nntrain.lr_suggest`: fastai's valley, steepest, minimum and slide, on the smoothed curve with
+fastai's trimming of its ends), so they are tested alone and shared by both engines.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from nntrain import lr_suggest
 from nntrain.events import (
     CancelEpochException,
     CancelFitException,
     Subscriber,
     declared,
+)
+from nntrain.lr_suggest import (
+    METHODS,
+    SUGGESTIONS,
+    smooth,
+    steepest,
+    suggestion,
+    suggestions,
+    trimmed_range,
+    valley,
 )
 from nntrain.optim import get_lr, set_lr
 
@@ -27,104 +40,8 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrai
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "smooth_centered", "plot_ylim", "LRFindS",
-           "lr_find"]
-
-
-# ----- the algorithm ---------------------------------------------------------------------------
-
-
-def smooth(losses: Sequence[float], beta: float = 0.98) -> list[float]:
-    """Debiased exponential moving average of `losses` (as fastai smooths its loss).
-
-    Args:
-        losses: the raw losses, in order.
-        beta: weight of the running average; 0 returns the losses unchanged.
-    """
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * float(loss)
-        out.append(avg / (1 - beta**i))
-    return out
-
-
-def steepest(lrs: Sequence[float], losses: Sequence[float]) -> int:
-    """Index of the lr where the loss falls fastest w.r.t. log(lr) (fastai's `steep`).
-
-    The slope of segment (i, i+1) is credited to its left end `i`, the lr that was in use when
-    the fall began. Pass smoothed losses (see `smooth`); `suggestion` does.
-
-    Raises:
-        ValueError: fewer than two points.
-    """
-    if len(losses) < 2 or len(lrs) != len(losses):
-        raise ValueError(f"steepest needs two or more (lr, loss) pairs of equal count, got {len(lrs)} lrs "
-                         f"and {len(losses)} losses")
-    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(len(lrs) - 1)]
-    return min(range(len(slopes)), key=slopes.__getitem__)
-
-
-def valley(lrs: Sequence[float], losses: Sequence[float]) -> int:
-    """Index of the lr about halfway along the longest decreasing run of losses (fastai's `valley`).
-
-    The run is the longest strictly decreasing subsequence of `losses` (not necessarily
-    contiguous), as in fastai. Like fastai, its start is taken one index before the run's first
-    point and the pick is `int(L / 3) + int(L / 6)` indices past it for a run of length `L`;
-    the result is clamped at 0 where fastai would wrap to the last index.
-
-    Raises:
-        ValueError: no points.
-    """
-    n = len(losses)
-    if n == 0 or len(lrs) != n:
-        raise ValueError(f"valley needs one or more (lr, loss) pairs of equal count, got {len(lrs)} lrs "
-                         f"and {n} losses")
-    run = [1] * n  # run[i]: length of the longest decreasing subsequence ending at i
-    end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and run[i] < run[j] + 1:
-                run[i] = run[j] + 1
-        if run[end] < run[i]:
-            end = i
-    start = end - run[end]
-    section = (end - start) / 3
-    return max(0, start + int(section) + int(section / 2))
-
-
-SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], int]] = {"valley": valley, "steepest": steepest}
-"""Suggestion methods by name; each maps (lrs, smoothed losses) to an index."""
-
-
-def _suggest_index(lrs: Sequence[float], losses: Sequence[float], method: str, beta: float) -> tuple[int, list[float]]:
-    """The suggested index and the smoothed finite prefix of the curve it was picked on."""
-    if method not in SUGGESTIONS:
-        raise ValueError(f"method must be one of {sorted(SUGGESTIONS)}, got {method!r}")
-    n = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
-    if n < 2:
-        raise ValueError(f"need two or more finite losses to suggest a learning rate, got {n}; "
-                         f"start the search at a lower lr or with a smaller mult")
-    smoothed = smooth(losses[:n], beta)
-    return SUGGESTIONS[method](lrs[:n], smoothed), smoothed
-
-
-def suggestion(lrs: Sequence[float], losses: Sequence[float], method: str = "valley", beta: float = 0.98) -> float:
-    """A learning rate picked from an LR-finder curve.
-
-    The curve is cut at its first non-finite loss and smoothed with `smooth(losses, beta)`
-    before `method` picks a point.
-
-    Args:
-        lrs: the learning rates, increasing.
-        losses: the raw loss at each lr.
-        method: a key of `SUGGESTIONS`: "valley" (fastai's default) or "steepest".
-        beta: smoothing weight (0: none).
-
-    Raises:
-        ValueError: an unknown method, or fewer than two finite losses.
-    """
-    idx, _ = _suggest_index(lrs, losses, method, beta)
-    return float(lrs[idx])
+__all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "smooth_centered", "plot_ylim", "plot_lr_find",
+           "LRFindS", "SuggestedLRs", "lr_find"]
 
 
 # ----- plot helpers ------------------------------------------------------------------------------
@@ -160,6 +77,69 @@ def plot_ylim(losses: Sequence[float], margin: float = 0.05) -> tuple[float, flo
         high = max(finite)
     pad = margin * (high - low) if high > low else margin * max(abs(low), 1.0)
     return low - pad, high + pad
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], ax: Axes | None = None, suggest: bool = True,
+                 method: str | Sequence[str] = "valley", beta: float = 0.98, smooth_beta: float = 0.6,
+                 trim: bool = True) -> Figure:
+    """Plot loss against lr (log scale), raw and smoothed, with the suggestion(s) marked.
+
+    The y-range runs from the lowest loss to the highest loss before it (the start of the
+    curve), not up to the exploded tail (`plot_ylim`). The smoothed curve is the debiased
+    EMA run forward and backward (`smooth_centered`), so it does not lag behind the raw loss.
+    With `trim`, the ends the suggestions leave out (`nntrain.lr_suggest.trimmed_range`) are
+    shaded.
+
+    Args:
+        lrs, losses: the curve (as `LRFindS` records it).
+        ax: axes to draw on; when None, a `notebook_figure` (shown once in a notebook, saved
+            with nothing clipped).
+        suggest: mark the suggested lr (skipped when the curve is too short).
+        method: suggestion method(s), see `nntrain.lr_suggest.SUGGESTIONS`; a sequence marks each.
+        beta: smoothing weight the suggestion is picked with (see `suggestion`).
+        smooth_beta: smoothing weight of the drawn curve (0: the raw loss).
+        trim: the suggestions leave out the curve's ends, as fastai (see `suggestion`).
+
+    Returns:
+        The figure drawn on; display it in a notebook or `fig.savefig(path)`.
+    """
+    methods = [method] if isinstance(method, str) else list(method)
+    pairs = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    marks: list[tuple[str, float]] = []  # (method, suggested lr)
+    if suggest and pairs:
+        try:
+            marks = [(name, lr_suggest.suggest(lrs, losses, name, beta, trim)[0]) for name in methods]
+        except ValueError as exc:  # too short a curve; an unknown method still fails
+            if "method" in str(exc):
+                raise
+    if ax is None:
+        from nntrain.display import notebook_figure
+
+        ax = notebook_figure((6, 4)).add_subplot()
+        found = ", ".join(f"{name} {lr:.2e}" for name, lr in marks)
+        ax.figure.set_label(f"LR finder: {len(lrs)} lrs" + (f", {found}" if found else ""))
+    if pairs:
+        import numpy as np
+
+        xs, ys = zip(*pairs)
+        smoothed = smooth_centered(ys, smooth_beta)
+        ax.plot(xs, ys, alpha=0.35, label="loss")
+        ax.plot(xs, smoothed, label="smoothed")
+        span = trimmed_range(len(losses), len(pairs), trim)
+        if trim and marks and len(span):
+            ax.axvspan(xs[0], xs[span.start], color="0.5", alpha=0.08, linewidth=0)
+            ax.axvspan(xs[span.stop - 1], xs[-1], color="0.5", alpha=0.08, linewidth=0)
+        for k, (name, lr) in enumerate(marks):
+            color = f"C{3 + k}"
+            y = float(np.interp(math.log(lr), [math.log(x) for x in xs], smoothed))
+            ax.axvline(lr, color=color, linestyle=":", linewidth=1)
+            ax.plot(lr, y, "o", color=color, label=f"{name}: {lr:.2e}", zorder=3)
+        ax.set_ylim(*plot_ylim(ys))
+        ax.legend(loc="best")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    return ax.figure  # type: ignore[return-value]  # a SubFigure when the `ax` given lies in one
 
 
 # ----- the subscriber --------------------------------------------------------------------------
@@ -222,56 +202,14 @@ class LRFindS(Subscriber):
         """Raise the lr for the next batch."""
         set_lr(learn.opt, get_lr(learn.opt) * self.mult)
 
-    def suggestion(self, method: str = "valley", beta: float = 0.98) -> float:
-        """A learning rate picked from the record; see `suggestion`."""
-        return suggestion(self.lrs, self.losses, method, beta)
+    def suggestion(self, method: str = "valley", beta: float = 0.98, trim: bool = True) -> float:
+        """A learning rate picked from the record; see `nntrain.lr_suggest.suggestion`."""
+        return suggestion(self.lrs, self.losses, method, beta, trim)
 
     def plot(self, ax: Axes | None = None, suggest: bool = True, method: str | Sequence[str] = "valley",
-             beta: float = 0.98, smooth_beta: float = 0.6) -> Figure:
-        """Plot loss against lr (log scale), raw and smoothed, with the suggestion(s) marked.
-
-        The y-range runs from the lowest loss to the highest loss before it (the start of the
-        curve), not up to the exploded tail (`plot_ylim`). The smoothed curve is the debiased
-        EMA run forward and backward (`smooth_centered`), so it does not lag behind the raw loss.
-
-        Args:
-            ax: axes to draw on; when None, a `notebook_figure` (shown once in a notebook, saved
-                with nothing clipped).
-            suggest: mark the suggested lr (skipped when the record is too short).
-            method: suggestion method(s), see `SUGGESTIONS`; a sequence marks each.
-            beta: smoothing weight the suggestion is picked with (see `suggestion`).
-            smooth_beta: smoothing weight of the drawn curve (0: the raw loss).
-
-        Returns:
-            The figure drawn on; display it in a notebook or `fig.savefig(path)`.
-        """
-        methods = [method] if isinstance(method, str) else list(method)
-        pairs = [(lr, loss) for lr, loss in zip(self.lrs, self.losses) if math.isfinite(loss)]
-        prefix = next((i for i, loss in enumerate(self.losses) if not math.isfinite(loss)), len(self.losses))
-        marks = []  # (method, index): in the finite prefix, so it indexes `pairs` too
-        if suggest and prefix >= 2:
-            marks = [(name, _suggest_index(self.lrs, self.losses, name, beta)[0]) for name in methods]
-        if ax is None:
-            from nntrain.display import notebook_figure
-
-            ax = notebook_figure((6, 4)).add_subplot()
-            found = ", ".join(f"{name} {self.lrs[idx]:.2e}" for name, idx in marks)
-            ax.figure.set_label(f"LR finder: {len(self.lrs)} lrs" + (f", {found}" if found else ""))
-        if pairs:
-            lrs, losses = zip(*pairs)
-            smoothed = smooth_centered(losses, smooth_beta)
-            ax.plot(lrs, losses, alpha=0.35, label="loss")
-            ax.plot(lrs, smoothed, label="smoothed")
-            for k, (name, idx) in enumerate(marks):
-                color = f"C{3 + k}"
-                ax.axvline(lrs[idx], color=color, linestyle=":", linewidth=1)
-                ax.plot(lrs[idx], smoothed[idx], "o", color=color, label=f"{name}: {lrs[idx]:.2e}", zorder=3)
-            ax.set_ylim(*plot_ylim(losses))
-            ax.legend(loc="best")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("loss")
-        return ax.figure  # type: ignore[return-value]  # a SubFigure when the `ax` given lies in one
+             beta: float = 0.98, smooth_beta: float = 0.6, trim: bool = True) -> Figure:
+        """Plot the record; see `plot_lr_find` (which this calls with `self.lrs`, `self.losses`)."""
+        return plot_lr_find(self.lrs, self.losses, ax, suggest, method, beta, smooth_beta, trim)
 
     def state_dict(self) -> dict[str, Any]:
         """The record: `lrs` and `losses`."""
@@ -281,6 +219,69 @@ class LRFindS(Subscriber):
         """Restore the record."""
         self.lrs, self.losses = list(state["lrs"]), list(state["losses"])
         self.best = min((x for x in self.losses if math.isfinite(x)), default=math.inf)
+
+
+# ----- the result ----------------------------------------------------------------------------------
+
+
+class SuggestedLRs:
+    """What `lr_find` returns: the recorded curve and the learning rates suggested from it.
+
+    Like fastai's `SuggestedLRs`, its repr shows the suggestions (`valley`, `steepest`,
+    `minimum`, `slide`; see `nntrain.lr_suggest`), so a terminal prints them; in a notebook it
+    shows its plot with every suggestion marked, and the suggestions as its text, by itself
+    (IPython's rich display; no `%matplotlib` needed). `lrs`, `losses`, `plot()` and
+    `suggestion()` work as on `LRFindS`.
+
+    Attributes:
+        lrs, losses: the curve, one (lr, loss) pair per training batch of the search.
+        valley, steepest, minimum, slide: the suggested lrs (None when the curve is too short).
+        beta, trim: the smoothing and the trimming the suggestions were picked with.
+    """
+
+    def __init__(self, lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98, trim: bool = True) -> None:
+        self.lrs, self.losses = list(lrs), list(losses)
+        self.beta, self.trim = beta, trim
+        found = suggestions(self.lrs, self.losses, METHODS, beta, trim)
+        self.valley: float | None = found["valley"]
+        self.steepest: float | None = found["steepest"]
+        self.minimum: float | None = found["minimum"]
+        self.slide: float | None = found["slide"]
+
+    @property
+    def suggestions(self) -> dict[str, float | None]:
+        """The suggested lrs by method name, in the order of `nntrain.lr_suggest.METHODS`."""
+        return {method: getattr(self, method) for method in METHODS}
+
+    def suggestion(self, method: str = "valley", beta: float | None = None, trim: bool | None = None) -> float:
+        """A learning rate picked from the curve (`nntrain.lr_suggest.suggestion`), by default with
+        this result's `beta` and `trim`.
+
+        Raises:
+            ValueError: an unknown method, or too short a curve.
+        """
+        return suggestion(self.lrs, self.losses, method, self.beta if beta is None else beta,
+                          self.trim if trim is None else trim)
+
+    def plot(self, ax: Axes | None = None, suggest: bool = True, method: str | Sequence[str] = METHODS,
+             smooth_beta: float = 0.6) -> Figure:
+        """The curve with the suggestions marked (every method by default); see `plot_lr_find`."""
+        return plot_lr_find(self.lrs, self.losses, ax, suggest, method, self.beta, smooth_beta, self.trim)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={'None' if lr is None else format(lr, '.3g')}"
+                          for name, lr in self.suggestions.items())
+        short = "" if self.valley is not None else f", too few points ({len(self.losses)} recorded)"
+        return f"SuggestedLRs({shown}{short})"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """What a notebook shows: the plot as a PNG, and the repr as its text."""
+        import base64
+
+        from nntrain.display import figure_png
+
+        png = figure_png(self.plot())
+        return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": repr(self)}
 
 
 # ----- the search --------------------------------------------------------------------------------
@@ -293,8 +294,9 @@ def lr_find(
     max_lr: float = 10.0,
     max_epochs: int = 100,
     engine: str = "native",
+    trim: bool = True,
     **trainer_kwargs: Any,
-) -> LRFindS:
+) -> SuggestedLRs:
     """Run an `LRFindS` search on `learn`, then put it back exactly as it was.
 
     The weights, gradients, optimizer (its state dict, or its `lr` for a hand-written one, or
@@ -310,9 +312,12 @@ def lr_find(
         max_lr: the search stops before the lr passes it.
         max_epochs: bound on the training epochs the search may run.
         engine: "native" or "lightning"; `trainer_kwargs` go to the Trainer.
+        trim: the suggestions leave out the first tenth and the last five points of the curve,
+            as fastai (False: the whole curve); see `nntrain.lr_suggest`.
 
     Returns:
-        The finder, with `.lrs`, `.losses`, `.plot()` and `.suggestion()`.
+        A `SuggestedLRs`: the curve (`.lrs`, `.losses`), the suggestions (`.valley`,
+        `.steepest`, `.minimum`, `.slide`), `.plot()` and `.suggestion()`.
     """
     finder = LRFindS(mult=mult, max_lr=max_lr)
     model = learn.model
@@ -340,4 +345,4 @@ def lr_find(
         elif opt is not None:
             set_lr(opt, opt_lr)  # type: ignore[arg-type]  # read above exactly when this branch runs
         learn.lr, learn.global_step = lr, global_step
-    return finder
+    return SuggestedLRs(finder.lrs, finder.losses, trim=trim)

@@ -65,7 +65,7 @@ class SchedulerS(Subscriber):
         self.on_metric = False  # the scheduler steps on `monitor`'s value (ReduceLROnPlateau)
         self.lrs: list[float] = []
         self.moms: list[float | None] = []
-        self._fit_lr: float | None = None
+        self._fit_lrs: list[float] | None = None
 
     def before_fit(self, learn: Any) -> None:
         """Build the scheduler on the learner's optimizer."""
@@ -75,6 +75,8 @@ class SchedulerS(Subscriber):
                             f"{type(opt).__name__}: pass a torch.optim class as optim_class")
         for group in opt.param_groups:  # else a scheduler of a second fit starts from the first fit's lr
             group.pop("initial_lr", None)
+        # the lrs this fit asked for (lr=, a slice spread over the groups), before a scheduler moves them
+        self._fit_lrs = None if learn.fit_lr is None else [group["lr"] for group in opt.param_groups]
         sched = self.make_sched(opt)
         if isinstance(sched, torch.optim.Optimizer) or not callable(getattr(sched, "step", None)):
             what = "the optimizer itself" if sched is opt else type(sched).__name__
@@ -88,7 +90,6 @@ class SchedulerS(Subscriber):
                                  f"use SchedulerS(make_sched, monitor=...) without interval='batch'")
             check_monitored(learn, self.monitor, "SchedulerS")
         self.interval = "epoch" if self.on_metric else (self.asked_interval or "batch")
-        self._fit_lr = learn.fit_lr
         self.lrs, self.moms = [], []
         self._record(opt)
         learn.scheduler = self
@@ -152,10 +153,11 @@ class SchedulerS(Subscriber):
         if not state:
             return
         saved = state["sched"].get("base_lrs") if isinstance(state["sched"], dict) else None
-        if self._fit_lr is not None and saved and saved[0] != self._fit_lr:
-            raise ResumeRefused(f"this fit asks lr={self._fit_lr}, but the schedule it resumes was built with "
-                             f"lr={saved[0]} and sets every step's lr from there: resume without lr= (or with "
-                             f"lr={saved[0]}), or start a new run")
+        if self._fit_lrs is not None and saved and list(saved) != self._fit_lrs:
+            asked, built = _lrs_text(self._fit_lrs), _lrs_text(saved)
+            raise ResumeRefused(f"this fit asks lr={asked}, but the schedule it resumes was built with lr={built} "
+                                f"and sets every step's lr from there: resume without lr= (or with lr={built}), "
+                                f"or start a new run")
         self.sched.load_state_dict(state["sched"])
         self.lrs, self.moms = list(state["lrs"]), list(state["moms"])
         last = getattr(self.sched, "get_last_lr", None)
@@ -165,7 +167,12 @@ class SchedulerS(Subscriber):
                 group["lr"] = lr
 
 
-def fit_one_cycle(learn: Any, epochs: int, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
+def _lrs_text(lrs: list[float]) -> str:
+    """One lr as itself, several (one per parameter group) as a list."""
+    return str(lrs[0]) if len(set(lrs)) == 1 else str(list(lrs))
+
+
+def fit_one_cycle(learn: Any, epochs: int, lr_max: float | slice, pct_start: float = 0.25, div: float = 25.0,
                   div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
                   **fit_kwargs: Any) -> Any:
     """`learn.fit(epochs, **fit_kwargs)` with a `SchedulerS(OneCycle(...))` attached for the fit

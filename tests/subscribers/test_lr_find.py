@@ -1,9 +1,12 @@
-"""The LR finder: suggestion functions, the `LRFindS` subscriber and `lr_find`'s restore."""
+"""The LR finder: suggestion functions and fastai's trimming, the `LRFindS` subscriber, the
+`SuggestedLRs` result `lr_find` returns, and `lr_find`'s restore."""
 
 from __future__ import annotations
 
 import base64
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
@@ -17,8 +20,10 @@ from matplotlib.figure import Figure
 
 import nntrain.subscribers.lr_find as lr_find_module
 from nntrain.learner import Learner, MomentumLearner
+from nntrain.lr_suggest import minimum, slide, suggestions, trimmed_range
 from nntrain.subscribers.lr_find import (
     LRFindS,
+    SuggestedLRs,
     _mean_over_ranks,
     plot_ylim,
     smooth,
@@ -94,11 +99,65 @@ def test_suggestions_fall_in_the_descending_part_of_a_u_curve():
 
 def test_suggestion_ignores_the_non_finite_tail_and_checks_its_input():
     lrs = LRS[:8] + [1e-1, 1.0]
-    assert suggestion(lrs, CURVE[:8] + [math.nan, math.inf], beta=0.0) == LRS[4]
+    assert suggestion(lrs, CURVE[:8] + [math.nan, math.inf], beta=0.0, trim=False) == LRS[4]
     with pytest.raises(ValueError, match="method"):
         suggestion(LRS, CURVE, method="middle")
     with pytest.raises(ValueError, match="finite"):
-        suggestion(LRS[:2], [1.0, math.nan])
+        suggestion(LRS[:2], [1.0, math.nan], trim=False)
+    with pytest.raises(ValueError, match="trim=False"):  # 10 points: trimming keeps 1..4, the first nan is at 2
+        suggestion(lrs, CURVE[:2] + [math.nan] * 8)
+
+
+def test_minimum_suggests_a_tenth_of_the_lowest_losss_lr():
+    assert minimum(LRS, CURVE) == 7
+    assert suggestion(LRS, CURVE, "minimum", beta=0.0, trim=False) == pytest.approx(LRS[7] / 10)
+
+
+def fastai_slide(lrs, losses, lr_diff=15, thresh=0.005):
+    """fastai's `slide` as written there (negative indices, numpy's gradient), for comparison."""
+    import numpy as np
+
+    grad = np.gradient(np.array(losses))
+    right, left = -1, -1 - lr_diff
+    pick = lrs[left]
+    while left >= -len(losses) and abs(grad[right] - grad[left]) > thresh:
+        pick = lrs[left]
+        right, left = right - 1, left - 1
+    return pick
+
+
+def test_slide_follows_fastais_interval_rule():
+    # a straight fall, then the loss bends up: the window slides left until both ends are on the line
+    lrs = [1e-4 * 1.25**k for k in range(40)]
+    bent = [3.0 - 0.05 * k for k in range(30)] + [1.55 + 0.02 * k * k for k in range(10)]
+    assert lrs[slide(lrs, bent)] == fastai_slide(lrs, bent)
+    assert 0 < slide(lrs, bent) < 30 - 15
+    assert lrs[slide(lrs[:20], CURVE * 2)] == fastai_slide(lrs[:20], CURVE * 2)
+    straight = [3.0 - 0.05 * k for k in range(20)]
+    assert slide(lrs[:20], straight) == 20 - 1 - 15  # the first window already agrees
+    assert slide(lrs[:5], straight[:5]) == 0  # shorter than the window: the window is the whole curve
+
+
+def test_trimming_leaves_out_the_first_tenth_and_the_last_five_points():
+    assert trimmed_range(60, 60) == range(6, 55)
+    assert trimmed_range(60, 52) == range(6, 52)  # and stops before a non-finite loss
+    assert trimmed_range(60, 52, trim=False) == range(0, 52)
+    # the fall at the end would be the steepest; trimmed, the earlier and gentler one is
+    lrs = [1e-3 * 2**k for k in range(20)]
+    losses = [3.0] * 5 + [2.9, 2.7, 2.3, 2.1, 2.0, 1.95, 1.9, 1.85, 1.8, 1.75] + [1.7, 1.6, 0.5, 0.3, 9.0]
+    assert suggestion(lrs, losses, "steepest", beta=0.0, trim=False) == lrs[16]
+    assert suggestion(lrs, losses, "steepest", beta=0.0) == lrs[6]
+
+
+DIGITS = json.loads((Path(__file__).parent / "digits_lr_curve.json").read_text())
+
+
+def test_on_the_digits_curve_the_suggestions_are_fastais():
+    # fastai's lr_find trims the curve before suggesting: its steepest is 1.37 here, not 2.14
+    lrs, losses = DIGITS["lrs"], DIGITS["losses"]
+    assert suggestions(lrs, losses) == pytest.approx(
+        {"valley": 0.0385, "steepest": 1.368, "minimum": 0.1711, "slide": 0.02465}, rel=1e-3)
+    assert suggestion(lrs, losses, "steepest", trim=False) == pytest.approx(2.138, rel=1e-3)
 
 
 # ----- the subscriber --------------------------------------------------------------------------
@@ -190,6 +249,7 @@ def test_plot_ylim_runs_from_the_minimum_to_the_start_not_the_exploded_tail():
 
 def test_plot_shows_once_as_png_limits_y_and_marks_the_suggestions(tmp_path):
     finder = make_learner().lr_find(start_lr=1e-4, max_lr=10.0)
+    assert isinstance(finder, SuggestedLRs)
     fig = finder.plot(method=("valley", "steepest"))
     assert isinstance(fig, Figure)
     bundle = fig._repr_mimebundle_()  # what a notebook shows: one PNG, and a text line where it cannot
@@ -213,6 +273,26 @@ def test_plot_shows_once_as_png_limits_y_and_marks_the_suggestions(tmp_path):
     ax = Figure().add_subplot()
     assert finder.plot(ax=ax, suggest=False) is ax.figure
     assert finder.suggestion("steepest") in finder.lrs
+
+
+def test_the_result_shows_its_suggestions_and_its_plot_by_itself():
+    result = SuggestedLRs(DIGITS["lrs"], DIGITS["losses"])
+    assert repr(result) == "SuggestedLRs(valley=0.0385, steepest=1.37, minimum=0.171, slide=0.0247)"
+    assert str(result) == repr(result)  # print() in a terminal
+    assert list(result.suggestions) == ["valley", "steepest", "minimum", "slide"]
+    assert result.steepest == result.suggestion("steepest") != result.suggestion("steepest", trim=False)
+    bundle = result._repr_mimebundle_()  # what a notebook shows for `learn.lr_find()` as a cell's value
+    assert set(bundle) == {"image/png", "text/plain"} and bundle["text/plain"] == repr(result)
+    assert base64.b64decode(bundle["image/png"])[:4] == b"\x89PNG"
+    legend = [t.get_text() for t in result.plot().axes[0].get_legend().get_texts()]
+    assert legend == ["loss", "smoothed", "valley: 3.85e-02", "steepest: 1.37e+00", "minimum: 1.71e-01",
+                      "slide: 2.47e-02"]
+    untrimmed = SuggestedLRs(DIGITS["lrs"], DIGITS["losses"], trim=False)
+    assert untrimmed.steepest == pytest.approx(2.138, rel=1e-3)
+    short = SuggestedLRs(LRS[:4], CURVE[:4])  # too short to trim: no suggestion, still a plot
+    assert repr(short) == "SuggestedLRs(valley=None, steepest=None, minimum=None, slide=None, too few points (4 " \
+                          "recorded))"
+    assert "image/png" in short._repr_mimebundle_()
 
 
 # ----- lr_find restores the learner --------------------------------------------------------------
@@ -303,13 +383,14 @@ LIGHTNING_QUIET = dict(accelerator="cpu", enable_progress_bar=False, logger=Fals
                        enable_model_summary=False)
 
 
-def test_lightning_engine_records_the_same_search():
+def test_lightning_engine_records_the_same_search_and_suggests_the_same():
     native = make_learner().lr_find(start_lr=1e-4, max_lr=1.0)
     learn = make_learner()
     weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
     bridged = learn.lr_find(start_lr=1e-4, max_lr=1.0, engine="lightning", **LIGHTNING_QUIET)
-    assert bridged.lrs == native.lrs
-    torch.testing.assert_close(bridged.losses, native.losses)
+    assert bridged.lrs == native.lrs and bridged.losses == native.losses  # bitwise
+    assert bridged.suggestions == native.suggestions and repr(bridged) == repr(native)
+    assert native.valley is not None
     assert learn.opt is None and all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
 
 
