@@ -1,5 +1,5 @@
 """Lightning features against a bridged learner: each one gives the native numbers, or is refused
-before the first batch with a message naming the alternative (the README's compatibility matrix)."""
+before the first batch with a message naming the alternative (the compatibility matrix of docs/lightning.md)."""
 
 from __future__ import annotations
 

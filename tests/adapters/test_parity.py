@@ -194,11 +194,13 @@ def test_lightning_precision_plugin_applies_to_the_learners_step():
     torch.testing.assert_close(half, full, atol=2e-2, rtol=0)  # and training still follows fp32
 
 
-def test_readme_hook_table_is_the_code_table():
+def test_the_docs_hook_table_is_the_code_table():
+    """docs/lightning.md shows HOOK_TABLE and STEP_TABLE as `hook_table_markdown()` writes them
+    (`python docs/generated.py` rewrites the page's copy)."""
     from pathlib import Path
 
     from nntrain.adapters import hook_table_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = readme.split("<!-- hook-table -->\n", 1)[1].split("\n<!-- /hook-table -->", 1)[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "lightning.md").read_text()
+    block = page.split("<!-- generated: hook-table -->\n", 1)[1].split("\n<!-- /generated: hook-table -->", 1)[0]
     assert block == hook_table_markdown()
