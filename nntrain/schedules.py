@@ -49,9 +49,12 @@ class OneCycle:
     Args:
         optimizer: a torch optimizer (anything with `param_groups`).
         total_steps: optimizer steps in the whole cycle; past them the final values hold.
-        lr_max, pct_start, div, div_final, moms: see `one_cycle` (`moms` None: momentum untouched);
-            `lr_max` may be a `slice(lo, hi)`: each param group cycles to its own peak
-            (`nntrain.optim.lr_range`, fastai's discriminative lrs).
+        lr_max: the peak lr (see `one_cycle`); a `slice(lo, hi)`: each param group cycles to its
+            own peak (`nntrain.optim.lr_range`, fastai's discriminative lrs).
+        pct_start: see `one_cycle`.
+        div: see `one_cycle`.
+        div_final: see `one_cycle`.
+        moms: see `one_cycle` (None: momentum untouched).
 
     Raises:
         ValueError: `total_steps` < 1, `pct_start` outside [0, 1), `div`/`div_final` <= 0.

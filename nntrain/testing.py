@@ -127,13 +127,16 @@ def assert_engines_agree(make_learner: Callable[[], Learner], epochs: int = 2, *
     batch), each training batch's loss, every `MetricsS` row, the final weights, `global_step`.
 
     Args:
-        make_learner: builds the learner.
+        make_learner: builds the learner; it must seed the model itself (the seed below is set
+            after it returns), else the two models differ and this says so.
         epochs: epochs to fit.
         seed: the seed both fits start from.
         fit: how to train, `fit(learn, epochs, subs=..., engine=..., **kwargs)`; default
             `Learner.fit` (e.g. `lambda learn, epochs, **kw: learn.fit_one_cycle(epochs, 0.1, **kw)`).
-        lightning_kwargs: extra arguments for the Lightning fit only (Trainer options such as
-            `precision="bf16-mixed"` or `accumulate_grad_batches=2`).
+        lightning_kwargs: extra arguments for the Lightning fit only: Trainer options that leave
+            the numbers alone (a logger, `enable_progress_bar`). An option that changes them
+            (`precision=`, `accumulate_grad_batches=`) makes the runs differ: attach its
+            subscriber (`MixedPrecisionS`, `GradAccumS`) in `make_learner` instead.
         atol: allowed absolute difference (0: bitwise).
         **fit_kwargs: arguments for both fits (`subs`, `lr`, `train`, `valid`).
 

@@ -35,8 +35,8 @@ class CheckpointS(Subscriber):
     A checkpoint holds the model, the optimizer state, the gradients (`MomentumLearner` keeps
     `mom * grad` between batches), `global_step`, the position (epoch, and the last trained batch
     or the epoch's end), every RNG state now and at the start of the epoch's training pass (the
-    data order is drawn then), and each subscriber's `state_dict()` keyed by class name and
-    its `state_key` (its class name by default: `MetricsS`).
+    data order is drawn then), and each subscriber's `state_dict()` keyed by its `state_key`
+    (default: the class name, numbered when repeated: `MetricsS`, `MetricsS#1`).
 
     Save points: after every `every_batches`-th optimizer step (at `after_batch`, after
     `zero_grad`; a batch that took no step, under `GradAccumS` or a skipped fp16 step, saves

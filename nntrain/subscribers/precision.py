@@ -26,7 +26,10 @@ class MixedPrecisionS(Subscriber):
 
     Args:
         dtype: `torch.float16` (with loss scaling) or `torch.bfloat16` (autocast only).
-        init_scale, growth_factor, backoff_factor, growth_interval: the GradScaler's.
+        init_scale: the GradScaler's initial scale.
+        growth_factor: the GradScaler's growth factor.
+        backoff_factor: the GradScaler's backoff factor.
+        growth_interval: the GradScaler's growth interval.
 
     Raises:
         ValueError: another dtype; at `before_fit`, an engine already running a precision other

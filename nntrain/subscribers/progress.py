@@ -47,9 +47,10 @@ class ProgressS(Subscriber):
     """An epochs bar over a batch bar, the metrics table, and optionally a loss plot.
 
     The batch bar shows the current loss at most every `refresh_every` seconds; the loss is read
-    from the device only then, never on every batch, and never where no bar is shown. When a
-    `MetricsS` is attached (`learn.metrics`), its rows are shown here (and kept in `rows`)
-    instead of printed by MetricsS. Epochs are numbered from 0 in the bars and in the table.
+    from the device only then, never on every batch, and never where no bar is shown. The
+    values subscribers log (`learn.logs`: `MetricsS`'s) are shown here as the epoch's row (and
+    kept in `rows`); `MetricsS` then prints none itself (`shows_rows`). Epochs are numbered
+    from 0 in the bars and in the table.
     See the module docstring for what each `display` shows; under DDP only rank 0 shows
     anything, and every rank keeps `rows` and the plot data.
 

@@ -1,6 +1,6 @@
 """Watching a logged value: `Monitor` (the rule), `EarlyStoppingS` and `SaveBestS`.
 
-Both read the values subscribers log through `learn.engine.log_metrics` (`MetricsS`:
+Both read the values subscribers log through `learn.log`, from `learn.logs` (`MetricsS`:
 `train/loss`, `valid/loss`, `valid/<metric>`), the same names on both engines, once per epoch
 after its last pass (validation when the fit validates, else training).
 """
