@@ -12,7 +12,7 @@ import torch
 from nntrain.engines import NativeEngine
 from nntrain.events import declared
 
-__all__ = ["bind", "give_back", "GiveBackOnException"]
+__all__ = ["bind", "give_back", "GiveBackOnException", "match_optimizer_state"]
 
 _FLAGS = {"gradient clipping": "gradient_clip_val", "gradient accumulation": "accumulate_grad_batches"}
 
@@ -58,7 +58,7 @@ def give_back(module: Any, trainer: L.Trainer, saved: dict[str, Any], stage: str
     learn.opt = saved["opt"] if saved["opt"] is not None else module.plain_opt
     learn.grad_scaling = saved["grad_scaling"]
     _restore_dtypes(learn.model, saved["dtypes"])
-    _restore_optimizer_dtypes(learn.opt)
+    match_optimizer_state(learn.opt)
     give_back_trainer_recipes(trainer, module.taken_flags)
     module.taken_flags = {}
     if stage == "fit" and module.results_path is not None and trainer.is_global_zero:
@@ -104,10 +104,11 @@ def _restore_dtypes(model: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
                     t.grad = t.grad.to(dtype)
 
 
-def _restore_optimizer_dtypes(opt: Any) -> None:
+def match_optimizer_state(opt: Any) -> None:
     """Each optimizer state tensor shaped like its parameter (Adam's moments, a momentum buffer)
-    back in the parameter's dtype: a `*-true` fit made them in its own, and the next step would
-    mix dtypes (a native Adam step after `bf16-true` failed)."""
+    in the parameter's dtype, where a `*-true` precision converted the parameters (at the run's
+    start) or the bridge converted them back (at its end): else the next step mixes dtypes (a
+    native Adam step after `bf16-true` failed, and a `bf16-true` fit after an Adam fit)."""
     state = getattr(opt, "state", None)
     if not state:
         return

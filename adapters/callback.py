@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 
+from nntrain.adapters.binding import match_optimizer_state
 from nntrain.checkpoint_state import set_grads
 from nntrain.checks import check_batch_structure
 from nntrain.optim import set_lr
@@ -186,7 +186,7 @@ class LearnerCallback(L.Callback):
         from nntrain.adapters.engine import refuse_unsupported
         from nntrain.adapters.interrupt import ExceptionState, has_exception_checkpoint
 
-        module, learn = self.module, self.module.learn
+        module = self.module
         if trainer.lightning_module is not module:
             raise ValueError("this LearnerCallback belongs to another LearnerModule: make both with "
                              "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
@@ -351,6 +351,7 @@ class LearnerCallback(L.Callback):
                              "which steps it on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
+        match_optimizer_state(module.plain_opt)  # a *-true precision converted the parameters
         plan = learn.resume_plan
         if module.fit_lr is not None and plan is not None and plan.lightning:  # Lightning restored the saved lr
             if self._lrs is not None:  # the fit's lr, as the resumed states left it (a schedule's)
