@@ -48,8 +48,9 @@ HOOK_TABLE: dict[str, tuple[Action, ...]] = {
 batch); `open_eval`/`close_eval` the fit scope of `trainer.validate` / `trainer.test` (inside
 `trainer.fit` validation is part of the fit); `setup` binds the learner to the Trainer and
 refuses what cannot give native numbers; `train_start` hands the learner Lightning's optimizer and
-the gradients (and lines a resumed epoch up with Lightning's); `abort` fires the cleanups of the
-open scopes; `teardown` gives the learner back. The scopes apply a resume plan's states themselves
+the gradients (and lines a resumed epoch up with Lightning's); `abort` keeps the state an
+`OnExceptionCheckpoint` saves, fires the cleanups of the open scopes and has the learner given
+back once every callback has handled the exception; `teardown` gives the learner back. The scopes apply a resume plan's states themselves
 (see `nntrain.dispatch`).
 Lightning runs validation inside the training epoch, before `on_train_epoch_end`: the training
 pass closes when validation starts, so the order of events is the native one."""
