@@ -70,7 +70,9 @@ def give_back(module: Any, trainer: L.Trainer, saved: dict[str, Any], stage: str
     learn.engine = NativeEngine()
     learn.dispatch.set_subs(learn.subs)
     learn.dispatch.reset()
-    if stage != "fit":
+    if stage in ("validate", "test"):  # as a native evaluate leaves it: in the mode of its (eval) pass
+        learn.model.train(learn.mode == "train")
+    elif stage != "fit":  # predict: as get_preds leaves it
         learn.model.train(saved["training"])
 
 
@@ -88,7 +90,7 @@ class GiveBackOnException(L.Callback):
         return "nntrain.GiveBackOnException"
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:  # noqa: D102
-        self.callback.give_back(trainer, "fit" if trainer.state.fn == "fit" else str(trainer.state.fn))
+        self.callback.give_back(trainer, str(getattr(trainer.state.fn, "value", trainer.state.fn)))
 
 
 def _restore_dtypes(model: torch.nn.Module, dtypes: list[torch.dtype]) -> None:

@@ -225,8 +225,13 @@ class LearnerCallback(L.Callback):
         or the one pass of `trainer.validate` / `test`."""
         module, learn = self.module, self.module.learn
         dispatch = learn.dispatch
-        if trainer.state.fn != "fit":
-            dispatch.open_fit(1, True)
+        if trainer.state.fn != "fit":  # before_fit sees the mode the learner had (Lightning switched to eval)
+            was_training = learn.model.training
+            learn.model.train(self._saved.get("training", was_training))
+            try:
+                dispatch.open_fit(1, True)
+            finally:
+                learn.model.train(was_training)
             return
         plan = learn.resume_plan
         if plan is not None:

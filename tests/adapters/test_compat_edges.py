@@ -141,17 +141,21 @@ def test_max_steps_with_max_epochs_stops_where_the_native_fit_stops():
 
 
 def test_before_fit_sees_the_mode_the_last_pass_left_on_both_engines():
+    """The same trace for evaluate, fit, fit, evaluate: each `before_fit` sees the mode the last
+    pass left (Lightning switches to eval before `trainer.validate`'s hooks, and to train before a
+    fit's), and evaluate leaves the model in eval mode."""
     traces = {}
     for engine in ("native", "lightning"):
         rec = Recorder()
         learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, subs=[rec])
         torch.manual_seed(0)
+        quiet(learn.evaluate, engine=engine)
         quiet(learn.fit, 1, engine=engine)
         quiet(learn.fit, 1, engine=engine)
-        traces[engine] = rec.trace
+        quiet(learn.evaluate, engine=engine)
+        traces[engine] = (rec.trace, learn.model.training)
     assert traces["native"] == traces["lightning"]
-    assert [t for t in traces["native"] if t[0] == "before_fit"] == [("before_fit", "train", 0, -1),
-                                                                      ("before_fit", "valid", 0, -1)]
+    assert [t[1] for t in traces["native"][0] if t[0] == "before_fit"] == ["train", "valid", "valid", "valid"]
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
