@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import torch
 
+from nntrain.adapters.binding import match_optimizer_state
 from nntrain.checkpoint_state import set_grads
 from nntrain.checks import check_batch_structure
-from nntrain.engines import NativeEngine
-from nntrain.events import declared
 from nntrain.optim import set_lr
 from nntrain.rng import set_rng_state
 
@@ -53,9 +51,10 @@ HOOK_TABLE: dict[str, tuple[Action, ...]] = {
 batch); `open_eval`/`close_eval` the fit scope of `trainer.validate` / `trainer.test` (inside
 `trainer.fit` validation is part of the fit); `setup` binds the learner to the Trainer and
 refuses what cannot give native numbers; `train_start` hands the learner Lightning's optimizer and
-the gradients (and lines a resumed epoch up with Lightning's); `abort` fires the cleanups of the
-open scopes; `teardown` gives the learner back. The scopes apply a resume plan's states themselves
-(see `nntrain.dispatch`).
+the gradients (and lines a resumed epoch up with Lightning's); `abort` keeps the state an
+`OnExceptionCheckpoint` saves, fires the cleanups of the open scopes and has the learner given
+back once every callback has handled the exception; `teardown` gives the learner back. The
+scopes apply a resume plan's states themselves (see `nntrain.dispatch`).
 Lightning runs validation inside the training epoch, before `on_train_epoch_end`: the training
 pass closes when validation starts, so the order of events is the native one."""
 
@@ -93,7 +92,8 @@ class LearnerCallback(L.Callback):
         self.subs = list(subs)
         self._table = {hook: tuple((getattr(self, f"_{a[0]}"), a[1:]) for a in actions)
                        for hook, actions in HOOK_TABLE.items()}
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[str, Any] = {}  # what `give_back` restores (empty: not bound)
+        self._exception: Any = None  # an ExceptionState while an OnExceptionCheckpoint may save
         self._reopen = False  # resumed inside an epoch: Lightning starts it without on_train_epoch_start
         self._skip = 0  # a native plan inside an epoch: the first batches were trained before the checkpoint
 
@@ -179,67 +179,40 @@ class LearnerCallback(L.Callback):
         self._drive("on_test_end", trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:  # noqa: D102
-        self._table["on_exception"][0][0](trainer)
+        self._table["on_exception"][0][0](trainer, exception)
 
     # ----- actions ---------------------------------------------------------------------------------
 
     def _setup(self, trainer: L.Trainer, stage: str) -> None:
-        """Bind the learner to this Trainer (engine, dispatch), or refuse what the bridge cannot
-        run with native numbers, before anything runs."""
-        from nntrain.adapters.engine import LightningEngine, refuse_unsupported
+        """Bind the learner to this Trainer (`nntrain.adapters.binding.bind`), or refuse what the
+        bridge cannot run with native numbers, before anything runs."""
+        from nntrain.adapters.binding import bind
+        from nntrain.adapters.engine import refuse_unsupported
+        from nntrain.adapters.interrupt import ExceptionState, has_exception_checkpoint
 
-        module, learn = self.module, self.module.learn
+        module = self.module
         if trainer.lightning_module is not module:
             raise ValueError("this LearnerCallback belongs to another LearnerModule: make both with "
                              "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
         refuse_unsupported(trainer, stage)
-        learn.engine = LightningEngine(module, trainer)
-        flags = {"gradient clipping": "gradient_clip_val", "gradient accumulation": "accumulate_grad_batches"}
-        origins = {id(sub): f"from the Trainer's {flag}={module.taken_flags[flag]}" for sub in module.recipe_subs
-                   if (flag := flags.get(declared(sub, "role"), "")) in module.taken_flags}
-        learn.dispatch.set_subs([*self.subs, *module.recipe_subs], origins)
-        learn.dispatch.reset(propagate=False, agree=learn.engine.agree_cancel if trainer.world_size > 1 else None)
+        self._saved = bind(module, trainer, self.subs, stage)
         self._reopen, self._skip = False, 0
         self._lrs: list[float] | None = None  # the lrs a resume set before Lightning restores its optimizer
+        self._exception = ExceptionState() if stage == "fit" and has_exception_checkpoint(trainer) else None
+        module.exception_state = None
         if stage == "fit" and trainer.world_size > 1:
             module.agree_on_resume()
-        self._saved = {
-            "grads": [p.grad for p in learn.model.parameters()],  # Lightning sets them to None at its start
-            "dtypes": [t.dtype for t in learn.model.state_dict().values()],
-            "opt": learn.opt,
-            "training": learn.model.training,
-            "grad_scaling": learn.grad_scaling,
-        }
-        if learn.engine.scaler is not None:  # 16-mixed: the plugin scales; the gradients are handled as natively
-            from nntrain.amp import GradScaling
 
-            learn.grad_scaling = GradScaling(learn.engine.scaler, owned=False)
-        if stage == "fit":
-            learn.model.train()  # before Lightning checks the modes (as the native loop sets it)
+    def give_back(self, trainer: L.Trainer, stage: str) -> None:
+        """Give the learner back (`nntrain.adapters.binding.give_back`), once per run."""
+        from nntrain.adapters.binding import give_back
+
+        saved, self._saved = self._saved, {}
+        if saved:
+            give_back(self.module, trainer, saved, stage)
 
     def _teardown(self, trainer: L.Trainer, stage: str) -> None:
-        """Give the learner back its optimizer, engine, dispatch and dtypes."""
-        learn, saved = self.module.learn, self._saved
-        if not saved:
-            return
-        learn.opt = saved["opt"] if saved["opt"] is not None else getattr(self.module, "plain_opt", None)
-        learn.grad_scaling = saved["grad_scaling"]
-        _restore_dtypes(learn.model, saved["dtypes"])
-        from nntrain.adapters.engine import give_back_trainer_recipes
-
-        give_back_trainer_recipes(trainer, self.module.taken_flags)
-        self.module.taken_flags = {}
-        if stage == "fit" and self.module.results_path is not None and trainer.is_global_zero:
-            from nntrain.adapters.results import save_results
-
-            save_results(learn, self.module.results_path)  # a spawned rank 0: for the caller's learner
-        learn.engine.close()
-        learn.engine = NativeEngine()
-        learn.dispatch.set_subs(learn.subs)
-        learn.dispatch.reset()
-        if stage != "fit":
-            learn.model.train(saved["training"])
-        self._saved = {}
+        self.give_back(trainer, stage)
 
     def _open(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
               batch_idx: int = 0) -> None:
@@ -256,8 +229,13 @@ class LearnerCallback(L.Callback):
         or the one pass of `trainer.validate` / `test`."""
         module, learn = self.module, self.module.learn
         dispatch = learn.dispatch
-        if trainer.state.fn != "fit":
-            dispatch.open_fit(1, True)
+        if trainer.state.fn != "fit":  # before_fit sees the mode the learner had (Lightning switched to eval)
+            was_training = learn.model.training
+            learn.model.train(self._saved.get("training", was_training))
+            try:
+                dispatch.open_fit(1, True)
+            finally:
+                learn.model.train(was_training)
             return
         plan = learn.resume_plan
         if plan is not None:
@@ -265,6 +243,8 @@ class LearnerCallback(L.Callback):
             dispatch.resume = plan
         dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),  # type: ignore[operator]
                           plan.start_epoch if plan is not None else 0)
+        learn.model.train()  # after before_fit (which sees the mode the last pass left, as natively),
+        # before Lightning looks for modules in eval mode
         if plan is not None and plan.lightning and not plan.inside_epoch and module.fit_lr is not None:
             self._lrs = [group["lr"] for group in learn.opt.param_groups]  # fit's lr, or a schedule's from it
         if plan is not None and plan.inside_epoch and not plan.lightning:
@@ -292,6 +272,8 @@ class LearnerCallback(L.Callback):
         if mode == "train":
             self._reopen = False
             self.module.train_iter = None
+            if self._exception is not None:
+                self._exception.pass_opened()
             if not self.module.train_enabled:
                 return
         if dispatch.top != "fit" or dispatch.cancelled is not None:
@@ -319,6 +301,8 @@ class LearnerCallback(L.Callback):
             except Exception as exc:
                 check_batch_structure(exc, batch, mode)  # type: ignore[arg-type]  # a batch row's mode
                 raise
+            if mode == "train" and self._exception is not None:
+                self._exception.batch_ended(learn, batch_idx)
             return
         if scope == "epoch":
             if mode == "train":
@@ -346,8 +330,22 @@ class LearnerCallback(L.Callback):
         if trainer.state.fn != "fit":
             self._close(trainer, scope)
 
-    def _abort(self, trainer: L.Trainer) -> None:
-        self.module.learn.dispatch.abort()
+    def _abort(self, trainer: L.Trainer, exception: BaseException) -> None:
+        """Fire the open scopes' cleanups, having kept the state an `OnExceptionCheckpoint` saves
+        next; the learner is given back after every callback's `on_exception` (or at once, with
+        a clear error, for a native checkpoint given as `ckpt_path`)."""
+        from nntrain.adapters.binding import GiveBackOnException
+        from nntrain.adapters.interrupt import native_ckpt_path_error
+
+        module = self.module
+        if self._exception is not None and self._saved:
+            module.exception_state = self._exception.state_at_exception(module.learn)
+        module.learn.dispatch.abort()
+        error = native_ckpt_path_error(trainer, exception)
+        if error is not None:
+            self.give_back(trainer, "fit")
+            raise error from exception
+        trainer.callbacks.append(GiveBackOnException(self))  # type: ignore[attr-defined]  # runs last in this round of on_exception
 
     # ----- resuming ---------------------------------------------------------------------------------
 
@@ -363,6 +361,7 @@ class LearnerCallback(L.Callback):
                              "which steps it on both engines")
         learn.model.train()
         learn.opt = module.optimizers()
+        match_optimizer_state(module.plain_opt)  # a *-true precision converted the parameters
         plan = learn.resume_plan
         if module.fit_lr is not None and plan is not None and plan.lightning:  # Lightning restored the saved lr
             if self._lrs is not None:  # the fit's lr, as the resumed states left it (a schedule's)
@@ -401,15 +400,3 @@ class LearnerCallback(L.Callback):
         self._open_epoch(trainer, "train", epoch=plan.epoch)
         self._close(trainer, "epoch", "train")
 
-
-def _restore_dtypes(model: torch.nn.Module, dtypes: list[torch.dtype]) -> None:
-    """Put every parameter and buffer back in its dtype (a `*-true` precision converted them)."""
-    tensors = list(model.state_dict(keep_vars=True).values())
-    if all(t.dtype == d for t, d in zip(tensors, dtypes)):
-        return
-    with torch.no_grad():
-        for t, dtype in zip(tensors, dtypes):
-            if t.dtype != dtype:
-                t.data = t.data.to(dtype)
-                if isinstance(t, torch.nn.Parameter) and t.grad is not None:
-                    t.grad = t.grad.to(dtype)

@@ -29,6 +29,9 @@ REFUSED_CALLBACKS: dict[str, str] = {
     "optimization does not use; average weights in a subscriber with torch.optim.swa_utils.AveragedModel",
     "BackboneFinetuning": "it edits the optimizer's param groups behind the learner; freeze and unfreeze "
     "layers in a subscriber's before_epoch (requires_grad_) on either engine",
+    "GradientAccumulationScheduler": "it changes Lightning's accumulate_grad_batches by epoch, which Lightning "
+    "refuses under the learner's manual optimization; accumulate a fixed number of batches with "
+    "GradAccumS(n) (or the Trainer's accumulate_grad_batches=n, which runs as GradAccumS) on either engine",
 }
 """Lightning callbacks that cannot give the native numbers under the bridge, with the alternative."""
 
@@ -48,6 +51,14 @@ def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
         ValueError: naming the option or callback and what to use instead.
     """
     refuse_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
+    if stage == "fit" and trainer.max_epochs in (None, -1):
+        steps = f"max_steps={trainer.max_steps} without max_epochs" if trainer.max_steps != -1 else \
+            "max_epochs=-1 (no end)"
+        raise ValueError(
+            f"Trainer({steps}) is not supported by the nntrain bridge: an nntrain fit counts epochs "
+            "(learn.n_epochs, which EarlyStoppingS, schedules and progress read); give max_epochs as well "
+            "(Lightning stops at whichever limit comes first), or use learn.fit(epochs, engine='lightning', "
+            "max_steps=...)")
     if stage == "fit" and trainer.val_check_interval != 1.0:
         raise ValueError(
             f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
@@ -105,11 +116,15 @@ class LightningEngine:
         self.precision = None if precision in ("32-true", "32", "64-true", "64") else precision
         self.scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.claimed: list[Any] = []  # loggers a subscriber writes through itself
-        self.logs_steps = bool(trainer.loggers) or trainer.progress_bar_callback is not None
+        bar = trainer.progress_bar_callback
+        self.shows_progress = bar is not None and bool(getattr(bar, "is_enabled", True))  # its bar wins
+        self.logs_steps = bool(trainer.loggers) or bar is not None
         self._cancel_group: Any = None
+        self.backward_started = False  # the running training batch has begun its backward
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate through Lightning (precision scaling, strategy hooks)."""
+        self.backward_started = True  # the batch's gradients change from here (an on-exception save reads it)
         self.module.manual_backward(loss)
 
     def step(self, opt: Any) -> None:
@@ -152,9 +167,9 @@ class LightningEngine:
                     self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
                                     logger=True, batch_size=1)
             return
-        for name, value in values.items():
+        for name, value in values.items():  # on the progress bar, which shows them instead of MetricsS's rows
             self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
-                            logger=False, batch_size=1)
+                            logger=False, batch_size=1, prog_bar=self.shows_progress)
         loggers = [lg for lg in self.trainer.loggers if lg not in self.claimed]
         if loggers and self.rank == 0:
             step = self.trainer.global_step

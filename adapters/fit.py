@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -17,19 +16,21 @@ from torch import nn
 from nntrain.adapters.callback import LearnerCallback
 from nntrain.adapters.engine import refuse_callbacks
 from nntrain.adapters.module import LearnerModule
+from nntrain.adapters.quiet import asked_for, lightning_quiet
 from nntrain.adapters.results import load_results
 from nntrain.checkpoint import CheckpointError
 from nntrain.devices import model_device
 from nntrain.engines import collate_preds
 from nntrain.events import Subscriber, declared, subscriber_engines
 from nntrain.learner import Learner
-from nntrain.logs import make_log_dir, quiet_loggers
+from nntrain.logs import make_log_dir
 from nntrain.resume import ResumePlan
 
 __all__ = ["to_lightning", "LightningRunner", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
 
 UNSUPPORTED_TRAINER_OPTIONS: dict[str, str] = {
     "max_epochs": "pass the number of epochs as fit(epochs, ...)",
+    "ckpt_path": "pass the checkpoint as fit(..., resume=path) (a Lightning or a native one)",
 }
 """Trainer options the bridge refuses (`gradient_clip_val` and `accumulate_grad_batches` run
 as `GradClipS` / `GradAccumS`, see `take_trainer_recipes`)."""
@@ -120,8 +121,11 @@ class LightningRunner:
     With a `TensorBoardS` attached and no `logger` given, the Trainer gets a `TensorBoardLogger`
     at the same place, and `TensorBoardS` writes its run through it (one event file per run).
     Callbacks that need checkpointing, a progress bar or a logger get them turned on.
-    Lightning's info lines (the accelerator banner, tips, "`Trainer.fit` stopped") are shown only
-    with `verbose=True`; its warnings always are.
+    Lightning's info lines (the accelerator banner, tips, "`Trainer.fit` stopped") and the
+    third-party warnings users cannot act on are shown only with `verbose=True`, also in the
+    processes `ddp_spawn` starts (`nntrain.adapters.quiet`); what the options ask for (a model
+    summary, a profiler's report, a progress bar) is always shown. `fit` returns None, as the
+    native engine does; the Trainer of the latest fit is `learn.trainer`.
 
     A resume names a checkpoint of either format: a Lightning checkpoint goes to
     `trainer.fit(ckpt_path=...)` (Lightning restores weights, optimizer, loops and a
@@ -172,11 +176,13 @@ class LightningRunner:
         return plan
 
     def fit(self, learn: Learner, epochs: int, plan: ResumePlan | None, train: bool, valid: bool,
-            lr: float | None, options: dict[str, Any]) -> L.Trainer:
-        """Run `trainer.fit` for the epochs left; returns the Trainer (for its `callback_metrics`,
-        `logger` and checkpoint paths)."""
+            lr: float | None, options: dict[str, Any]) -> None:
+        """Run `trainer.fit` for the epochs left; the Trainer (its `callback_metrics`, `logger` and
+        checkpoint paths) is `learn.trainer` afterwards."""
         options = dict(options)
         verbose = bool(options.pop("verbose", False))
+        shown = asked_for(options)
+        bridge_logger = "logger" not in options and "log_every_n_steps" not in options
         _, needs = _bridgeable(learn.subs)
         module, callbacks = to_lightning(learn, subs=(), train=train)
         module.fit_lr = lr
@@ -193,17 +199,20 @@ class LightningRunner:
         if not train:  # Lightning cannot skip training and still validate; fetch one batch, step none
             trainer_options["limit_train_batches"] = 1
         user_callbacks = list(options.get("callbacks") or [])
-        with _lightning_info(verbose):
+        if ckpt_path is None:
+            refuse_unasked_resume(user_callbacks)
+        module.quiet_workers = None if verbose else (shown, bridge_logger)
+        with lightning_quiet(verbose, shown, bridge_logger):
             trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks],
                                 **trainer_options)
-        with _spawned_results(trainer, module), _lightning_info(verbose):
+        learn.trainer = trainer
+        with _spawned_results(trainer, module), lightning_quiet(verbose, shown, bridge_logger):
             trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path is not None else None)
-        return trainer
 
     def evaluate(self, learn: Learner, dl: Any, mode: str, options: dict[str, Any]) -> None:
         """`trainer.validate` (mode "valid") or `trainer.test` over `dl`."""
         trainer, module = _eval_trainer(learn, options)
-        with _lightning_info(False):
+        with lightning_quiet(False, asked_for(options)):
             if mode == "valid":
                 trainer.validate(module, dataloaders=dl, verbose=False)
             else:
@@ -212,7 +221,7 @@ class LightningRunner:
     def get_preds(self, learn: Learner, dl: Any, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`trainer.predict` over `dl`, concatenated as natively."""
         trainer, module = _eval_trainer(learn, options)
-        with _lightning_info(False):
+        with lightning_quiet(False, asked_for(options)):
             outputs = trainer.predict(module, dataloaders=dl)
         return collate_preds(outputs or [])  # type: ignore[arg-type]  # one loader: one flat list
 
@@ -222,8 +231,25 @@ def _eval_trainer(learn: Learner, options: dict[str, Any]) -> tuple[L.Trainer, L
     module, callbacks = to_lightning(learn)
     trainer_options = _options(learn, needs, options)
     user_callbacks = list(options.get("callbacks") or [])
-    with _lightning_info(False):
+    with lightning_quiet(False):
         return L.Trainer(callbacks=[*callbacks, *user_callbacks], **trainer_options), module
+
+
+def refuse_unasked_resume(callbacks: Sequence[Any]) -> None:
+    """Refuse a fit that asked for no resume while an `OnExceptionCheckpoint` file of a failed run
+    is there: Lightning would resume from it unasked.
+
+    Raises:
+        ValueError: naming the file and the two ways on.
+    """
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    for cb in callbacks:
+        if isinstance(cb, OnExceptionCheckpoint) and os.path.exists(cb.ckpt_path):
+            raise ValueError(
+                f"{cb.ckpt_path} is there, written by OnExceptionCheckpoint when a run failed, and Lightning would "
+                f"resume from it although this fit asked for no resume: continue that run with "
+                f"fit(..., resume={cb.ckpt_path!r}), or delete the file to start afresh")
 
 
 def _tensorboard_logger(needs: dict[str, Any]) -> Any:
@@ -259,13 +285,3 @@ def _spawned_results(trainer: L.Trainer, module: LearnerModule) -> Iterator[None
             module.results_path = None
         if os.path.exists(path):
             load_results(module.learn, path)
-
-
-@contextlib.contextmanager
-def _lightning_info(verbose: bool) -> Iterator[None]:
-    """Lightning's INFO log lines off (unless `verbose`) for the duration; warnings untouched."""
-    if verbose:
-        yield
-        return
-    with quiet_loggers(("lightning.pytorch", "lightning.fabric"), logging.WARNING):
-        yield

@@ -103,7 +103,13 @@ class LearnerModule(L.LightningModule):
     `learn.run_step()` inside the batch scope the callback opened.
     """
 
-    def __init__(self, learn: Learner, train: bool = True) -> None:
+    def __init__(self, learn: Learner | None = None, train: bool = True) -> None:
+        if not isinstance(learn, Learner):  # LightningCLI builds modules from a config: it has no learner
+            raise TypeError(
+                f"LearnerModule needs a Learner, got {type(learn).__name__}: it runs a learner built in Python, "
+                "so LightningCLI or a config cannot make one. Build the learner and call learn.fit(epochs, "
+                "engine='lightning', **trainer_options), or nntrain.adapters.to_lightning(learn) for your own "
+                "Trainer; the `nntrain fit` command line trains from flags")
         super().__init__()
         self.automatic_optimization = False
         self.learn = learn
@@ -119,6 +125,18 @@ class LearnerModule(L.LightningModule):
         self.taken_flags: dict[str, Any] = {}
         self.sharded_opt: torch.optim.Optimizer | None = None  # made over the wrapped parameters (FSDP)
         self.resume_view: tuple[tuple[Any, ...], str] | None = None  # this process's resume (`agree_on_resume`)
+        self.exception_state: dict[str, Any] | None = None  # what an OnExceptionCheckpoint saves (interrupt.py)
+        self.autocast_boundary: Any = None  # leaves a mixed-precision plugin's autocast after the loss
+        self.quiet_workers: tuple[tuple[str, ...], bool] | None = None  # quiet_this_process's arguments, for
+        # the processes ddp_spawn starts (applied when they unpickle this module)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a process Lightning started (`ddp_spawn`): as quiet as the caller."""
+        super().__setstate__(state)
+        if state.get("quiet_workers") is not None:
+            from nntrain.adapters.quiet import quiet_this_process
+
+            quiet_this_process(*state["quiet_workers"])
 
     @property
     def epoch(self) -> int:
@@ -139,8 +157,9 @@ class LearnerModule(L.LightningModule):
         """No callbacks; Lightning calls this before it checks its configuration, the one point
         where the Trainer's `gradient_clip_val` and `accumulate_grad_batches` (which Lightning
         refuses under manual optimization) can become `GradClipS` / `GradAccumS` for this run."""
-        from nntrain.adapters.engine import take_trainer_recipes
+        from nntrain.adapters.engine import refuse_callbacks, take_trainer_recipes
 
+        refuse_callbacks(self.trainer.callbacks)  # type: ignore[attr-defined]  # before their own setup (BatchSizeFinder fails in its own)
         self.recipe_subs, self.taken_flags = take_trainer_recipes(self.trainer)
         return []
 
@@ -181,7 +200,13 @@ class LearnerModule(L.LightningModule):
         """Add the learner state (`LEARNER_KEYS`: gradients, `global_step`, position, RNG,
         subscriber states); weights, optimizer and a `ResumableDataLoader`'s position are
         Lightning's."""
+        from nntrain.adapters.interrupt import match_loader_position
+        from nntrain.checkpoint_state import hyperparameters
+
         state = self.pending_state
+        if state is None and self.exception_state is not None:  # OnExceptionCheckpoint: the state before cleanups
+            state = self.exception_state
+            match_loader_position(checkpoint, state["position"]["iter"])
         if state is None:
             state = capture(self.learn, self.epoch, self.train_iter, rng_state())
         if self.trainer.world_size > 1:  # every rank's own partial-epoch state (saving is collective)
@@ -191,6 +216,7 @@ class LearnerModule(L.LightningModule):
             dist.all_gather_object(ranks, {"subs": state["subs"], "rng": state["rng"]})
             state = {**state, "ranks": ranks}
         checkpoint[CHECKPOINT_KEY] = state
+        checkpoint["hyper_parameters"] = hyperparameters(self.learn, self.plain_opt)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the learner's resume plan from the checkpoint, for a fit (`validate` and `test`
@@ -206,7 +232,10 @@ class LearnerModule(L.LightningModule):
                 "the weights with learn.model.load_state_dict"
             )
         if self.trainer.state.fn == "fit":
+            from nntrain.adapters.interrupt import refuse_not_resumable
+
             trainer = self.trainer
+            refuse_not_resumable(getattr(trainer, "ckpt_path", None), checkpoint[CHECKPOINT_KEY])
             self.learn.resume_plan = ResumePlan.read(getattr(trainer, "ckpt_path", None) or "", checkpoint,
                                                      rank=trainer.global_rank, world_size=trainer.world_size)
             self.epoch_offset = self.learn.resume_plan.epoch_offset
@@ -238,9 +267,15 @@ class LearnerModule(L.LightningModule):
         training loader continues there too (else the epoch would see the wrong batches)."""
         loader = self.trainer.train_dataloader
         skip = getattr(loader, "resumed_at", None)
-        if skip != plan.iter + 1:  # type: ignore[operator]  # a plan from inside an epoch
-            note = "" if skip is None else f" (it would skip {skip} batches, not {plan.iter + 1})"  # type: ignore[operator]
-            raise loader_cannot_resume("the checkpoint", {"epoch": plan.epoch, "iter": plan.iter}, loader, note)
+        if skip is None:
+            raise loader_cannot_resume("the checkpoint", {"epoch": plan.epoch, "iter": plan.iter}, loader)
+        inside = plan.iter + 1 if plan.iter is not None else None  # a plan from inside an epoch
+        if skip != inside:
+            raise ValueError(
+                f"checkpoint {plan.path} was taken inside epoch {plan.epoch} after training batch {plan.iter}, but "
+                f"the loader position it holds would skip {skip} batches, not {inside}: it was saved in the "
+                "middle of a batch (trainer.save_checkpoint from a hook?). Resume from a checkpoint saved between "
+                "batches (CheckpointS, ModelCheckpoint, OnExceptionCheckpoint)")
 
     # ----- loaders and modes ------------------------------------------------------------------
 
@@ -277,6 +312,9 @@ class LearnerModule(L.LightningModule):
         except Exception as exc:
             check_batch_structure(exc, learn.batch, "train")
             raise
+        finally:
+            if self.autocast_boundary is not None:
+                self.autocast_boundary.leave()
         engine = learn.engine
         if engine.logs_steps and dispatch.cancelled is None:
             engine.log_step(learn.loss)
@@ -299,6 +337,9 @@ class LearnerModule(L.LightningModule):
         except Exception as exc:
             check_batch_structure(exc, learn.batch, mode)
             raise
+        finally:
+            if self.autocast_boundary is not None:
+                self.autocast_boundary.leave()
 
     def predict_step(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, Any]:
         """`learn.predict_batch()`: the predictions, and the targets where the batch has them."""

@@ -1,8 +1,17 @@
-"""`GradScaling`: fp16 loss scaling that keeps gradients unscaled between backward and step.
+"""Mixed precision, one policy for both engines: where autocast is on (`AUTOCAST_ORDER`) and
+`GradScaling`, fp16 loss scaling that keeps gradients unscaled between backward and step.
 
-One algorithm for both engines: `MixedPrecisionS` runs it with its own `torch.amp.GradScaler`,
-and the Lightning bridge with the scaler of Lightning's `16-mixed` plugin, so the two give the
-same numbers.
+Autocast covers a batch's forward pass and loss only; backward, the optimizer step and the
+events after the loss run in full precision, as PyTorch's AMP guidance asks (backward under
+autocast runs its ops at autocast's precision on the CPU, where the autograd engine runs in the
+calling thread: attention with dropout then gets other gradients). `MixedPrecisionS` enters
+autocast in `before_batch` and leaves it in `after_loss`, both at `AUTOCAST_ORDER`; under
+Lightning, whose precision plugin keeps autocast on around the whole training step, the bridge
+turns it off at the same point (`full_precision`) until the step returns.
+
+One scaling algorithm for both engines: `MixedPrecisionS` runs it with its own
+`torch.amp.GradScaler`, and the Lightning bridge with the scaler of Lightning's `16-mixed`
+plugin, so the two give the same numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +21,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["GradScaling"]
+__all__ = ["GradScaling", "AUTOCAST_ORDER", "full_precision"]
+
+AUTOCAST_ORDER = -5
+"""The subscriber order at which autocast starts (`before_batch`, after `DeviceS` at -10 placed
+the model) and ends (`after_loss`): `after_loss` handlers ordered before it still see autocast."""
+
+
+def full_precision(device_type: str) -> torch.autocast:
+    """A context with autocast off on `device_type` (inside an autocast region: until it exits)."""
+    return torch.autocast(device_type, enabled=False)
 
 
 class GradScaling:

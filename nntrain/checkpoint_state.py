@@ -36,6 +36,7 @@ __all__ = [
     "needed_keys",
     "capture",
     "native_checkpoint",
+    "hyperparameters",
 ]
 
 LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs",
@@ -295,7 +296,56 @@ def capture(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, 
     }
 
 def native_checkpoint(learn: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """A native checkpoint: the model's and optimizer's state dicts plus the learner `state`."""
+    """A native checkpoint: the model's and optimizer's state dicts plus the learner `state`, and
+    how the run was made (`hyper_parameters`, as in Lightning's checkpoints)."""
     opt = learn.opt
     return {"model": learn.model.state_dict(),
-            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None, **state}
+            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None, **state,
+            "hyper_parameters": hyperparameters(learn)}
+
+
+def hyperparameters(learn: Any, opt: Any = None) -> dict[str, Any]:
+    """How a run was made, for both checkpoint formats (`hyper_parameters`, Lightning's key): lr,
+    optimizer (`opt`, default `learn.opt`), batch size, epochs, model and loss, engine, and under
+    `subs` each subscriber's constructor arguments it keeps as attributes, by `state_key`."""
+    opt = learn.opt if opt is None else opt
+    params: dict[str, Any] = {
+        "lr": float(learn.lr),
+        "optimizer": type(opt).__name__ if opt is not None else _plain(learn.optim_class),
+        "epochs": int(learn.n_epochs),
+        "model": type(learn.model).__name__,
+        "loss_fn": _plain(learn.loss_fn),
+        "engine": learn.engine.name,
+    }
+    batch_size = getattr(learn.dls.train, "batch_size", None)
+    if isinstance(batch_size, int):
+        params["batch_size"] = batch_size
+    params["subs"] = {key: _settings(sub) for key, sub in zip(state_keys(learn.subs), learn.subs)}
+    return params
+
+
+def _settings(sub: Any) -> dict[str, Any]:
+    """The arguments of `type(sub).__init__` that `sub` keeps under the same name."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(type(sub).__init__).parameters)[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {name: _plain(getattr(sub, name)) for name in names if hasattr(sub, name)}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """`value` as plain data for a checkpoint: numbers, strings and None as they are, dtypes and
+    paths as strings, containers element-wise, anything else by its name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (torch.dtype, os.PathLike)):
+        return str(value)
+    if isinstance(value, slice):  # discriminative lrs, `lr=slice(lo, hi)`
+        return {"slice": [_plain(value.start, depth + 1), _plain(value.stop, depth + 1)]}
+    if isinstance(value, dict) and depth < 2:
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return [_plain(v, depth + 1) for v in value]
+    return getattr(value, "__name__", type(value).__name__)

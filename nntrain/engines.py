@@ -30,12 +30,15 @@ class Engine(Protocol):
     row's values by name, e.g. `valid/loss`), `agree_cancel` (the ranks' common cancel),
     `save_checkpoint`, `tensorboard_logger`, and what the engine does itself (`precision`: a
     reduced precision it runs, e.g. "16-mixed", or None; `saves_on_interrupt`,
-    `resumes_after_last_batch`, `runs_compiled_steps`).
+    `resumes_after_last_batch`, `runs_compiled_steps`; `shows_progress`: it draws its own
+    progress display, a Lightning progress bar, which then wins: `ProgressS` draws nothing and
+    `MetricsS` prints no rows).
     """
 
     name: str
     rank: int
     precision: str | None
+    shows_progress: bool
     saves_on_interrupt: bool
     resumes_after_last_batch: bool
     runs_compiled_steps: bool
@@ -76,7 +79,7 @@ class Runner(Protocol):
 
     def fit(self, learn: Any, epochs: int, plan: ResumePlan | None, train: bool, valid: bool, lr: float | None,
             options: dict[str, Any]) -> Any:
-        """Run the fit; what it returns, `Learner.fit` returns."""
+        """Run the fit (`Learner.fit` returns None whatever it returns)."""
 
     def evaluate(self, learn: Any, dl: Any, mode: str, options: dict[str, Any]) -> None:
         """One evaluation pass over `dl` in `mode` ("valid" or "test") with the fit and epoch events."""
@@ -91,6 +94,7 @@ class NativeEngine:
 
     name = "native"
     precision = None
+    shows_progress = False
     saves_on_interrupt = True
     resumes_after_last_batch = True
     runs_compiled_steps = True

@@ -136,6 +136,7 @@ class Learner(LearnerVerbs):
         self.resume_plan: Any = None  # the checkpoint this fit continues from (a ResumePlan), else None
         self.fit_lr: LR | None = None  # the `lr=` given to the running fit (None: none given)
         self.finished = False  # a subscriber ended the run early (EarlyStoppingS): checkpoints say so
+        self.trainer: Any = None  # the lightning.Trainer of the latest fit(engine="lightning"), else None
         self.dispatch.set_subs(self.subs)
 
     # ----- subscribers and dispatch -------------------------------------------------------
@@ -343,7 +344,7 @@ class Learner(LearnerVerbs):
                 for 3 epochs resumes with `fit(3, resume=...)`.
 
         Returns:
-            None natively; the `lightning.Trainer` on the Lightning engine.
+            None, on every engine (under Lightning the Trainer is `learn.trainer` afterwards).
 
         Raises:
             CheckpointError: the checkpoint is unreadable, incomplete or for another model.
@@ -368,7 +369,8 @@ class Learner(LearnerVerbs):
                     return None
             valid = valid and not _empty_valid(self.dls.valid)
             self.resume_plan, self.fit_lr = plan, lr
-            return runner.fit(self, epochs, plan, train, valid, lr, trainer_kwargs)
+            runner.fit(self, epochs, plan, train, valid, lr, trainer_kwargs)
+            return None
         finally:
             self.resume_plan, self.fit_lr = None, None
             self.remove_subs(subs)

@@ -44,7 +44,8 @@ class MetricsS(Subscriber):
     values are logged as `<mode>/<name>` (`valid/loss`) through `learn.log` (so `learn.logs`,
     Lightning's `callback_metrics` and loggers, and what `learn.evaluate` returns have them),
     and the row goes to `output`, which prints it on rank 0 unless a subscriber that
-    `shows_rows` (`ProgressS`) is attached, or calls `sink(row)` when `sink` is set. See
+    `shows_rows` (`ProgressS`) is attached or the engine `shows_progress` (a Lightning progress
+    bar), or calls `sink(row)` when `sink` is set. See
     `MetricAccumulator` for the metrics accepted and `flush_every`.
     """
 
@@ -75,7 +76,8 @@ class MetricsS(Subscriber):
 
     def before_fit(self, learn: Any) -> None:
         """Note whether another subscriber shows the rows (then `output` prints none)."""
-        self._shown = any(declared(sub, "shows_rows") for sub in learn.subs)
+        self._shown = any(declared(sub, "shows_rows") for sub in learn.subs) or \
+            bool(getattr(learn.engine, "shows_progress", False))  # a Lightning progress bar shows the values
 
     def logged_names(self, learn: Any) -> list[str]:
         """The names this subscriber logs in `learn`'s fit (`train/loss`, `valid/<metric>`...)."""

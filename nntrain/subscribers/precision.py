@@ -1,5 +1,5 @@
 """Mixed precision: `MixedPrecisionS` runs forward and loss under autocast, with loss scaling
-for fp16 (`nntrain.amp.GradScaling`), on both engines."""
+for fp16 (`nntrain.amp.GradScaling`), on both engines (the policy: `nntrain.amp`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nntrain.amp import GradScaling
+from nntrain.amp import AUTOCAST_ORDER, GradScaling
 from nntrain.devices import model_device
 from nntrain.events import Subscriber
 
@@ -21,8 +21,10 @@ class MixedPrecisionS(Subscriber):
     gradients) is a cancelled step (`after_step` does not fire, `global_step` stays, the
     gradients are those from before the batch), and the scaler's state goes into checkpoints.
 
-    Under Lightning (at `precision="32-true"`) it does the same work, and
-    `fit(engine="lightning", precision="16-mixed" | "bf16-mixed")` gives the same numbers.
+    Backward, the step and the events after the loss run in full precision (`nntrain.amp`'s
+    policy, PyTorch's AMP guidance). Under Lightning (at `precision="32-true"`) it does the same
+    work, and `fit(engine="lightning", precision="16-mixed" | "bf16-mixed")` gives the same
+    numbers: the bridge leaves the plugin's autocast at the same point.
 
     Args:
         dtype: `torch.float16` (with loss scaling) or `torch.bfloat16` (autocast only).
@@ -36,7 +38,7 @@ class MixedPrecisionS(Subscriber):
             than full (a Trainer's `precision=`), or a device without autocast for `dtype`.
     """
 
-    order = -5  # after DeviceS (-10) placed the model; autocast opens before most before_batch handlers
+    order = AUTOCAST_ORDER  # after DeviceS (-10) placed the model; autocast opens before most before_batch handlers
     one_rank_cancels = False  # never cancels (a skipped step follows from the all-reduced gradients)
     role = "mixed precision"
     needed_on_resume = True  # its scaler state and autocast shape the run

@@ -105,7 +105,8 @@ class ProgressS(Subscriber):
         self._n_epochs, self._done, self._epoch, self._stale = learn.n_epochs, 0, None, False
         self._fit_start = time.monotonic()
         self._view = None
-        if learn.engine.rank == 0:  # under DDP only rank 0 shows bars, table and plot
+        if learn.engine.rank == 0 and not getattr(learn.engine, "shows_progress", False):  # under DDP only
+            # rank 0 shows bars, table and plot; an engine's own progress display (a Lightning bar) wins
             kind = _pick_display(self.display)
             if kind == "notebook":
                 self._view = _NotebookView(self._n_epochs, table=self._table, plot=self.plot)

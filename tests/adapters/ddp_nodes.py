@@ -9,6 +9,10 @@ Each process runs several fits in turn and writes what it saw to `<out>/<scenari
   at validation batch 1: both ranks skip it;
 - `resume`: the reference fit crashes inside epoch 1 and resumes from its last mid-epoch
   checkpoint (each rank's own partial-epoch metrics), and its rows must equal the reference's;
+- `precision`: the reference fit with `MixedPrecisionS(torch.bfloat16)`, then with
+  `precision="bf16-mixed"`: the same rows and weights;
+- `on_exception`: the reference fit fails before training batch 2 of epoch 1 on every rank with
+  an `OnExceptionCheckpoint`, and resumes from its file: the reference's rows and weights;
 - `recipes`: `GradAccumS(2)`, a per-step `StepLR` through `SchedulerS` and `EarlyStoppingS`,
   batch 8 per rank: the numbers of one process with batch 32, the same stop on every rank;
 - `lr_find`: `learn.lr_find` on a shuffled loader: every rank must take the same decisions;
@@ -26,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
@@ -41,6 +46,7 @@ from nntrain.learner import (
 from nntrain.subscribers.checkpoint import CheckpointS
 from nntrain.subscribers.gradients import GradAccumS
 from nntrain.subscribers.metrics import MetricsS, batch_accuracy
+from nntrain.subscribers.precision import MixedPrecisionS
 from nntrain.subscribers.schedule import SchedulerS
 from nntrain.subscribers.stopping import EarlyStoppingS
 from tests.helpers import Recorder, tiny_data, tiny_model
@@ -148,6 +154,26 @@ def main(out: Path) -> None:
     learn, metrics = reference_learner([CheckpointS(shared, every_batches=1, every_epochs=1)])
     learn.fit(2, resume="last", **NODES)
     dump("resume", {"crash": crashed, "resumed": resumed, "rows": metrics.history, "weights": weights(learn)})
+
+    runs = {}
+    for name, subs, options in (("subscriber", [MixedPrecisionS(torch.bfloat16)], {}),
+                                ("plugin", [], {"precision": "bf16-mixed"})):
+        learn, metrics = reference_learner(subs)
+        learn.fit(2, **NODES, **options)
+        runs[name] = {"rows": metrics.history, "weights": weights(learn)}
+    dump("precision", runs)
+
+    on_exception = OnExceptionCheckpoint(out / "on_exception")
+    learn, metrics = reference_learner([Crash()])
+    try:
+        learn.fit(2, **NODES, callbacks=[on_exception])
+    except RuntimeError as exc:
+        crashed = str(exc)
+    saved = torch.load(on_exception.ckpt_path, weights_only=True)["nntrain"]["position"]
+    learn, metrics = reference_learner([])
+    learn.fit(2, resume=on_exception.ckpt_path, **NODES)
+    dump("on_exception", {"crash": crashed, "position": [saved["epoch"], saved["iter"]], "rows": metrics.history,
+                          "weights": weights(learn)})
 
     learn, metrics = recipe_learner(batch_size=8, accumulate=2)
     learn.fit(6, **NODES)

@@ -165,15 +165,6 @@ def test_fp16_with_a_grad_scaler_shows_unscaled_gradients_and_keeps_momentum():
     assert [r["loss"] for r in metrics.history] == pytest.approx([r["loss"] for r in nm.history], abs=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
-def test_true_precisions_give_the_model_back_in_its_dtype(precision):
-    learn, _ = learner()
-    quiet(learn.fit, 1, engine="lightning", precision=precision)
-    assert {p.dtype for p in learn.model.parameters()} == {torch.float32}
-    learn.fit(1)
-    assert learn.infer(torch.zeros(2, 8)).dtype == torch.float32
-
-
 @pytest.mark.parametrize("callback", [ModelCheckpoint, TQDMProgressBar, LearningRateMonitor])
 def test_callbacks_that_need_a_flag_or_a_logger_get_it(callback, tmp_path):
     learn, metrics = learner()

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import signal
@@ -49,17 +51,49 @@ class DumpRows(Subscriber):
             json.dump(data, f)
 
 
+def lightning_extras(out: Path) -> dict:
+    """The Lightning callbacks and loggers users combine with DDP, for the ddp_spawn fit."""
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    return dict(callbacks=[ModelCheckpoint(dirpath=out / "mc", monitor="valid/loss", save_top_k=1, filename="best"),
+                           EarlyStopping("valid/loss", patience=3), LearningRateMonitor(logging_interval="epoch")],
+                logger=[CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb", default_hp_metric=False)])
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """This process's stdout and stderr (and so the processes it starts) into `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
 @pytest.fixture(scope="module")
 def spawn_run(tmp_path_factory):
-    """The reference fit of `ddp_nodes.py` under ddp_spawn with devices=2: the caller's learner
-    and MetricsS afterwards, the initial weights, and each rank's rows."""
+    """The reference fit of `ddp_nodes.py` under ddp_spawn with devices=2, with ModelCheckpoint,
+    EarlyStopping, LearningRateMonitor, a CSVLogger and a TensorBoardLogger: the caller's learner
+    and MetricsS afterwards, the initial weights, each rank's rows, and what the launch printed."""
     out = tmp_path_factory.mktemp("spawn")
     learn, metrics = reference_learner([])
     before = [p.detach().clone() for p in learn.model.parameters()]
     learn.add_subs([DumpRows(str(out), metrics)])
-    retry_on_worker_abort(lambda: learn.fit(2, **DDP))
+    with output_to(out / "printed.txt"):
+        retry_on_worker_abort(lambda: learn.fit(2, **DDP, **lightning_extras(out)))
     ranks = [json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
-    return SimpleNamespace(learn=learn, metrics=metrics, before=before, ranks=ranks)
+    return SimpleNamespace(learn=learn, metrics=metrics, before=before, ranks=ranks, out=out,
+                           printed=(out / "printed.txt").read_text())
 
 
 def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back(spawn_run):
@@ -84,6 +118,43 @@ def test_ddp_spawn_metrics_are_global_for_an_uneven_split_and_the_fit_comes_back
         for key in ("loss", "accuracy", "top_is_right"):
             assert rows[-1][key] == pytest.approx(expected[key], abs=1e-6), (rank, key)
     assert 0.0 < expected["accuracy"] < 1.0  # a real, non-trivial value
+
+
+def test_lightning_callbacks_and_loggers_under_ddp_spawn_get_the_native_numbers_quietly(spawn_run):
+    """ModelCheckpoint, EarlyStopping, LearningRateMonitor, CSVLogger and TensorBoardLogger in the
+    ddp_spawn fit (whose rows equal two torchrun nodes': `test_two_nodes_give_what_two_devices_give`)
+    see the MetricsS values; the launch prints what one process prints (no info lines, no
+    third-party deprecation) unless verbose=True."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nntrain.checkpoint_state import load_checkpoint
+
+    out, valid = spawn_run.out, [row["loss"] for row in spawn_run.metrics.rows("valid")]
+    rows = list(csv.DictReader(open(out / "csv" / "version_0" / "metrics.csv")))
+    assert [float(r["valid/loss"]) for r in rows if r.get("valid/loss")] == pytest.approx(valid, abs=1e-6)
+    assert [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")] == [0.05, 0.05]
+    events = EventAccumulator(str(out / "tb" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("valid/loss")] == pytest.approx(valid, abs=1e-6)
+    best = load_checkpoint(out / "mc" / "best.ckpt")
+    (stopper,) = [v for k, v in best["callbacks"].items() if k.startswith("EarlyStopping")]
+    assert float(stopper["best_score"]) == pytest.approx(min(valid), abs=1e-6)
+    assert len(best["nntrain"]["ranks"]) == 2 and best["hyper_parameters"]["optimizer"] == "Adam"
+    for noise in ("Initializing distributed", "distributed_backend", "LeafSpec", "GPU available"):
+        assert noise not in spawn_run.printed, spawn_run.printed
+
+
+def test_a_precision_plugin_and_on_exception_checkpoint_under_ddp(nodes_run):
+    """Two processes (strategy="ddp", gloo): precision="bf16-mixed" gives MixedPrecisionS(bfloat16)'s
+    rows and weights bitwise; an OnExceptionCheckpoint written when every rank failed before a
+    training batch resumes to the uninterrupted run's rows and weights."""
+    reference = nodes_run("reference", 0)
+    for rank in (0, 1):
+        run = nodes_run("precision", rank)
+        assert run["plugin"] == run["subscriber"] and run["plugin"]["rows"] != reference["rows"]
+        run = nodes_run("on_exception", rank)
+        assert run["crash"] == "simulated crash" and run["position"] == [CRASH_AT[0], CRASH_AT[1] - 1]
+        assert run["rows"] == reference["rows"] and run["weights"] == reference["weights"], rank
 
 
 class SetEpoch(Subscriber):
