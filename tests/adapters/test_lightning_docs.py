@@ -1,31 +1,15 @@
-"""The Lightning pages of the docs: every Python block of `docs/coming-from-lightning.md` runs as
-written, top to bottom, in one namespace (a block after `<!-- docs-test: skip, <why> -->` only
-compiles); `docs/lightning-compat.md`'s counts add up to its rows."""
+"""`docs/lightning-compat.md`'s counts add up to its rows (its examples, and those of
+`docs/coming-from-lightning.md`, run in tests/test_docs.py with every page's)."""
 
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n*```python\n(?P<code>.*?)\n```", re.S)
-
-
-def test_coming_from_lightning_runs_top_to_bottom(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    page = ROOT / "docs" / "coming-from-lightning.md"
-    namespace = {"__name__": "__main__"}
-    blocks = list(BLOCK.finditer(page.read_text()))
-    assert len(blocks) >= 8
-    for block in blocks:
-        code = compile(block["code"], str(page), "exec")
-        if "docs-test: skip" not in block["before"]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                exec(code, namespace)
 
 
 def test_the_compatibility_matrix_counts_its_rows():
