@@ -15,7 +15,7 @@ import numpy as np
 
 from nntrain.dataloaders import DataLoaders
 from nntrain.hf_columns import import_datasets as _import_datasets
-from nntrain.image_cache import ImageArrayDataset, MappedArray
+from nntrain.image_cache import ImageArrayDataset, DiskArray
 from nntrain.images import hf_ds_collate_fn
 from nntrain.loaders import (
     BatchLoader,
@@ -41,7 +41,7 @@ __all__ = [
     "TensorDictDataset",
     "PaddedTokenDataset",
     "ImageArrayDataset",
-    "MappedArray",
+    "DiskArray",
     "StreamBatches",
     "pre_batched_collate",
     "hf_ds_collate_fn",

@@ -3,7 +3,7 @@ them from a Hugging Face `DatasetDict` of images or token columns, or an `Iterab
 (a streaming split).
 
 Images are decoded once into a uint8 array, cached on disk next to the dataset's cache
-(`nntrain.image_cache`), served from memory or memory-mapped, and made floats per batch by the
+(`nntrain.image_cache`), served from memory or read from the cache file per batch, and made floats per batch by the
 loader (`UInt8ToFloat`, on `device` when one is given). Every mode gives the same batches.
 """
 
@@ -151,7 +151,7 @@ class DataLoaders:
                 caching; needed when the images differ in size.
             resize: how `size` fits an image: "squish" (resize), "crop" (cover, crop the
                 centre) or "pad" (fit inside, pad with black).
-            in_memory: hold the decoded images in memory (True) or memory-map them (False);
+            in_memory: hold the decoded images in memory (True) or leave them on disk, read per batch (False);
                 None: in memory when they take at most half the available memory.
             cache: True: cache the decoded images next to the dataset's cache files (not for a
                 dataset held only in memory); a directory: there; False: decode every time.

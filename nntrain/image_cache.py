@@ -1,18 +1,17 @@
-"""Decoded images kept as uint8, decoded once and cached on disk, served from memory or
-memory-mapped: `image_dataset` builds an `ImageArrayDataset` for an image column.
+"""Decoded images kept as uint8, decoded once and cached on disk, served from memory or read
+from the cache file per batch: `image_dataset` builds an `ImageArrayDataset` for an image column.
 
 The cache is a `.npy` file of shape (N, C, H, W) next to the dataset's own cache files, named
 by the dataset's fingerprint, its length, the column and the decoding options (mode, size,
-resize), so a second run opens it at once and other options build another. A memory-mapped
-array drops the pages it has read from the process every few tens of megabytes, so a set larger
-than RAM trains with bounded memory (the kernel's page cache still keeps what it can).
+resize), so a second run opens it at once and other options build another. Left on disk
+(`DiskArray`), a batch's rows are read into the batch and nothing else stays in the process, so
+a set larger than RAM trains with bounded memory (the kernel's page cache keeps what it can).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
 import tempfile
 import weakref
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 
 from nntrain.images import ImageSpec, decode_column
 
-__all__ = ["ImageArrayDataset", "MappedArray", "image_dataset", "cache_path", "available_memory",
+__all__ = ["ImageArrayDataset", "DiskArray", "image_dataset", "cache_path", "available_memory",
            "CACHE_FORMAT", "MEMORY_SHARE"]
 
 CACHE_FORMAT = 1
@@ -34,7 +33,7 @@ CACHE_FORMAT = 1
 
 MEMORY_SHARE = 0.5
 """`in_memory=None` holds the images in memory when they take at most this share of the
-available memory; else it memory-maps them."""
+available memory; else it leaves them on disk (`DiskArray`)."""
 
 
 def available_memory() -> int:
@@ -49,10 +48,16 @@ def available_memory() -> int:
         return 1 << 62  # unknown: assume plenty
 
 
-class MappedArray:
-    """A uint8 `.npy` array read through a memory map, opened anew in each process (DataLoader
-    workers too); `take` gathers rows, and every `release_every` bytes read the map's pages are
-    dropped from the process (`madvise(MADV_DONTNEED)`), which bounds its resident memory."""
+class DiskArray:
+    """A uint8 `.npy` array left on disk: `take` reads just the rows asked for, one positioned
+    read each (`os.preadv`, straight into the batch), so the file's pages stay in the kernel's
+    page cache and out of the process's resident memory. Each process (DataLoader workers too)
+    opens its own descriptor. Without `os.preadv` (Windows) it reads through a memory map.
+
+    Not a memory map where it can help it: a mapped page stays resident in the process once
+    read, and recent kernels map a whole large folio (hundreds of KiB) on a fault, so a few
+    batches of random rows map most of the file.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
@@ -65,32 +70,33 @@ class MappedArray:
             raise ValueError(f"{self.path} is not a C-ordered uint8 array")
         self.shape: tuple[int, ...] = tuple(shape)
         self.nbytes = int(np.prod(shape))
-        self.release_every = min(max(self.nbytes // 8, 4 << 20), 64 << 20)
-        self._open_in: int | None = None  # the pid that opened `_map`
-        self._map: mmap.mmap | None = None
-        self._array: np.ndarray | None = None
-        self._read = 0
+        self.row_bytes = int(np.prod(shape[1:]))
+        self._open_in: int | None = None  # the pid that opened `_fd` (or `_mapped`)
+        self._fd = -1
+        self._mapped: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _arr(self) -> np.ndarray:
-        if self._open_in != os.getpid():
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._array = np.frombuffer(self._map, np.uint8, self.nbytes, self.offset).reshape(self.shape)
-            self._open_in, self._read = os.getpid(), 0
-        return self._array  # type: ignore[return-value]
+    def _open(self) -> None:
+        if hasattr(os, "preadv"):
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            weakref.finalize(self, os.close, self._fd)
+        else:
+            self._mapped = np.load(self.path, mmap_mode="r")
+        self._open_in = os.getpid()
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows `idx`, copied out of the map (in `idx`'s order)."""
-        out = self._arr()[idx]
-        self._read += out.nbytes
-        if self._read >= self.release_every:
-            self._read = 0
-            pages = self._map
-            if pages is not None and hasattr(pages, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                pages.madvise(mmap.MADV_DONTNEED)  # file pages: read back from the page cache when needed
+        """Rows `idx` (in `idx`'s order), read from the file."""
+        if self._open_in != os.getpid():
+            self._open()
+        if self._mapped is not None:
+            return np.asarray(self._mapped[idx])
+        out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        rows = out.reshape(len(idx), self.row_bytes)
+        fd, offset, size = self._fd, self.offset, self.row_bytes
+        for k, i in enumerate(idx.tolist()):
+            os.preadv(fd, [rows[k]], offset + i * size)
         return out
 
     def load(self) -> np.ndarray:
@@ -98,29 +104,42 @@ class MappedArray:
         return np.load(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_open_in": None, "_map": None, "_array": None}
+        return {**self.__dict__, "_open_in": None, "_fd": -1, "_mapped": None}
 
 
 class ImageArrayDataset(Dataset):
-    """uint8 images (N, C, H, W), in memory (a numpy array) or memory-mapped (`MappedArray`),
+    """uint8 images (N, C, H, W), in memory (a numpy array) or on disk (`DiskArray`),
     and int64 labels; `__getitems__` serves a whole uint8 batch `(images[idx], labels[idx])`,
     which the loader's `UInt8ToFloat` turns into floats (on the device when it has one).
+
+    With `load=True`, a `DiskArray` is read into memory when the first pass over the dataset
+    starts (`start_epoch`, which `BatchLoader` calls in the main process before its workers
+    fork, so they share that one copy): a validation split is then read when it is first used,
+    not before the first training batch.
 
     `x` and `y` are the whole set as float32 in [0, 1] (flattened when `flatten`) and the
     labels, for code that wants every sample as one tensor (`nntrain.fastpath.to_device_loaders`).
     """
 
-    def __init__(self, images: np.ndarray | MappedArray, labels: torch.Tensor, flatten: bool = False) -> None:
+    def __init__(self, images: np.ndarray | DiskArray, labels: torch.Tensor, flatten: bool = False,
+                 load: bool = False) -> None:
         if len(images) != len(labels):
             raise ValueError(f"images and labels must have the same length, got {len(images)} and {len(labels)}")
         self.images = images
         self.labels = labels
         self.flatten = flatten
+        self.load = load
 
     @property
     def in_memory(self) -> bool:
-        """Whether the images are held in memory (else memory-mapped)."""
-        return isinstance(self.images, np.ndarray)
+        """Whether the images are (or, with `load`, will be from the first pass) held in memory;
+        else they are read from disk per batch."""
+        return isinstance(self.images, np.ndarray) or self.load
+
+    def start_epoch(self) -> None:
+        """Read the images into memory, with `load`, before the first pass."""
+        if self.load and isinstance(self.images, DiskArray):
+            self.images = self.images.load()
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -145,6 +164,7 @@ class ImageArrayDataset(Dataset):
     @property
     def x(self) -> torch.Tensor:
         """Every image as float32 in [0, 1]: (N, C, H, W), or (N, C*H*W) when `flatten`."""
+        self.start_epoch()
         arr = self.images if isinstance(self.images, np.ndarray) else self.images.load()
         x = torch.from_numpy(arr).to(torch.float32).div_(255)
         return x.reshape(len(x), -1) if self.flatten else x
@@ -226,13 +246,13 @@ def _unlink_if_mine(path: str, pid: int) -> None:
             os.unlink(path)
 
 
-def _temporary_map(ds: Any, col: str, spec: ImageSpec, workers: int | None) -> MappedArray:
-    """Decode the column into a temporary file, memory-mapped, deleted with the array."""
+def _temporary_file(ds: Any, col: str, spec: ImageSpec, workers: int | None) -> DiskArray:
+    """Decode the column into a temporary file, left on disk, deleted with the array."""
     fd, name = tempfile.mkstemp(prefix="nntrain-images-", suffix=".npy")
     os.close(fd)
     path = Path(name)
     _write_npy(ds, col, spec, path, workers)
-    arr = MappedArray(path)
+    arr = DiskArray(path)
     weakref.finalize(arr, _unlink_if_mine, name, os.getpid())
     return arr
 
@@ -241,7 +261,7 @@ def image_dataset(ds: Any, x_col: str, labels: torch.Tensor, spec: ImageSpec, *,
                   in_memory: bool | None, cache: bool | str | os.PathLike[str], workers: int | None
                   ) -> ImageArrayDataset:
     """The `ImageArrayDataset` of image column `x_col` of `ds`: decoded once (by `workers`
-    processes) into the cache, or opened from it, and held in memory or memory-mapped
+    processes) into the cache, or opened from it, and held in memory or left on disk
     (`in_memory`; None: in memory when it takes at most `MEMORY_SHARE` of the available memory)."""
     path = cache_path(ds, x_col, spec, cache)
     if path is not None:
@@ -257,9 +277,9 @@ def image_dataset(ds: Any, x_col: str, labels: torch.Tensor, spec: ImageSpec, *,
                           f"(pass cache=<a writable directory>)", RuntimeWarning, stacklevel=3)
             path = None
     if path is not None:
-        mapped = MappedArray(path)
+        mapped = DiskArray(path)
         keep = in_memory if in_memory is not None else mapped.nbytes <= MEMORY_SHARE * available_memory()
-        return ImageArrayDataset(mapped.load() if keep else mapped, labels, flatten)
+        return ImageArrayDataset(mapped, labels, flatten, load=keep)
     if in_memory is False:
-        return ImageArrayDataset(_temporary_map(ds, x_col, spec, workers), labels, flatten)
+        return ImageArrayDataset(_temporary_file(ds, x_col, spec, workers), labels, flatten)
     return ImageArrayDataset(_decode_in_memory(ds, x_col, spec, workers), labels, flatten)

@@ -194,27 +194,47 @@ def decode_column(ds: Any, col: str, spec: ImageSpec, start: Callable[[tuple[int
         write(part)
 
 
+_FORKED: tuple[Any, str] | None = None
+"""The dataset and column forked decoding workers read their rows from (set while a pool runs)."""
+
+
+def _decode_rows(start: int, stop: int, spec: ImageSpec, shape: tuple[int, ...]) -> np.ndarray | tuple[set, set]:
+    """`_decode_chunk` of rows `start:stop` of the dataset inherited from the parent (`_FORKED`):
+    the worker reads the Arrow table itself, so the parent neither copies nor maps the bytes."""
+    assert _FORKED is not None, "a forked decoding worker without its dataset"
+    ds, col = _FORKED
+    return _decode_chunk(_cells(ds, col, start, stop), spec, shape)
+
+
 def _decoded(ds: Any, col: str, spec: ImageSpec, shape: tuple[int, ...], ranges: list[tuple[int, int]],
              workers: int) -> Iterator[np.ndarray | tuple[set, set]]:
-    """Each range's decoded chunk, in order; with `workers`, a few chunks in flight at a time."""
+    """Each range's decoded chunk, in order; with `workers`, at most 2 * `workers` chunks in
+    flight. Forked workers read their rows from the dataset they inherit; spawned ones get them."""
+    global _FORKED
     if workers <= 1:
         for start, stop in ranges:
             yield _decode_chunk(_cells(ds, col, start, stop), spec, shape)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        pending: list[Future] = []
-        todo = iter(ranges)
-        for start, stop in todo:
-            pending.append(pool.submit(_decode_chunk, _cells(ds, col, start, stop), spec, shape))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            part = pending.pop(0).result()
-            nxt = next(todo, None)
-            if nxt is not None:  # keep the pool busy; at most 2 * workers chunks held at once
-                pending.append(pool.submit(_decode_chunk, _cells(ds, col, *nxt), spec, shape))
-            yield part
+    fork = "fork" in multiprocessing.get_all_start_methods()
+
+    def task(pool: ProcessPoolExecutor, start: int, stop: int) -> Future:
+        if fork:
+            return pool.submit(_decode_rows, start, stop, spec, shape)
+        return pool.submit(_decode_chunk, _cells(ds, col, start, stop), spec, shape)
+
+    _FORKED = (ds, col) if fork else None  # before the pool forks its workers
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if fork else None)) as pool:
+            todo = iter(ranges)
+            pending = [task(pool, *r) for _, r in zip(range(2 * workers), todo)]
+            while pending:
+                part = pending.pop(0).result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(task(pool, *nxt))
+                yield part
+    finally:
+        _FORKED = None
 
 
 def _image_to_tensor(arr: np.ndarray, flatten: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 import nntrain.image_cache as image_cache
-from nntrain.data import DataLoaders, ImageArrayDataset, MappedArray
+from nntrain.data import DataLoaders, ImageArrayDataset, DiskArray
 from nntrain.images import ImageSpec
 
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
@@ -61,6 +61,10 @@ def test_every_mode_gives_the_same_batches(saved, tmp_path):
     assert_same(batches(flat), [(x.reshape(len(x), -1), y) for x, y in reference])
     in_order = DataLoaders.from_hf_dd(dd, 40, shuffle=False, collate="per_item")
     assert torch.equal(flat.train.dataset.x, next(iter(in_order.train))[0])  # the whole set, for to_device_loaders
+    held = DataLoaders.from_hf_dd(dd, 16, in_memory=True)
+    assert isinstance(held.valid.dataset.images, DiskArray)  # read into memory when first used
+    next(iter(held.valid))
+    assert isinstance(held.valid.dataset.images, np.ndarray)
     x0, y0 = DataLoaders.from_hf_dd(dd, 16, in_memory=False).train.dataset[0]
     assert x0.dtype == torch.uint8 and x0.shape == (3, 5, 6) and y0 == 0
 
@@ -122,15 +126,28 @@ def test_in_memory_by_default_follows_the_available_memory(saved, monkeypatch):
     assert DataLoaders.from_hf_dd(dd, 8).train.dataset.in_memory
 
 
-def test_a_memory_mapped_array_drops_its_pages_and_reads_the_same(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, (64, 3, 8, 8), dtype=np.uint8)
+def resident_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_a_disk_array_reads_rows_into_the_batch_and_keeps_no_file_pages(tmp_path, monkeypatch):
+    data = np.random.default_rng(0).integers(0, 256, (4096, 3, 32, 32), dtype=np.uint8)  # 12 MiB
     np.save(tmp_path / "a.npy", data)
-    arr = MappedArray(tmp_path / "a.npy")
-    arr.release_every = 2 * 192  # drop the pages after every second row read
-    for i in np.random.default_rng(1).permutation(64):
-        assert np.array_equal(arr.take(np.array([i, (i + 1) % 64])), data[[i, (i + 1) % 64]])
-    clone = pickle.loads(pickle.dumps(arr))  # a worker's copy opens its own map
-    assert clone._map is None and np.array_equal(clone.take(np.arange(64)), data)
+    arr = DiskArray(tmp_path / "a.npy")
+    before = resident_file_bytes()
+    order = np.random.default_rng(1).permutation(4096)
+    for start in range(0, 4096, 64):
+        idx = order[start:start + 64]
+        assert np.array_equal(arr.take(idx), data[idx])
+    if before:  # Linux: the rows went into the batches, the file's pages stayed in the page cache
+        assert resident_file_bytes() - before < 2 << 20
+    clone = pickle.loads(pickle.dumps(arr))  # a worker's copy opens its own file
+    assert clone._fd == -1 and np.array_equal(clone.take(np.arange(5)), data[:5])
+    monkeypatch.delattr("os.preadv")  # no positioned reads (Windows): a memory map
+    assert np.array_equal(DiskArray(tmp_path / "a.npy").take(order[:7]), data[order[:7]])
 
 
 def test_uint8_batches_become_floats_on_the_loaders_device_cpu_and_cuda(saved):

@@ -163,3 +163,21 @@ def test_a_mid_epoch_resume_draws_the_same_augmentation_bitwise(tmp_path):
         weights, history = reference
         assert all(torch.equal(learn.model.state_dict()[k], v) for k, v in weights.items()), engine
         assert metrics.history == history, engine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transforms_draw_on_the_batchs_cuda_device():
+    x = torch.rand(16, 3, 8, 8, device="cuda")
+    sub = BatchTransformS([RandomTranslate(2), RandomFlip(), Cutout(3)], seed=3)
+    sub.before_fit(SimpleNamespace(engine=SimpleNamespace(rank=0)))
+    out = sub.transform(x)
+    assert out.is_cuda and out.shape == x.shape and set(sub.state_dict()["generators"]) == {"cuda:0"}
+    again = BatchTransformS([RandomTranslate(2), RandomFlip(), Cutout(3)], seed=3)
+    again.before_fit(SimpleNamespace(engine=SimpleNamespace(rank=0)))
+    assert torch.equal(again.transform(x), out)
+    foreign = BatchTransformS(lambda t: t + torch.rand(t.shape, device=t.device) + torch.rand(1).to(t.device), seed=3)
+    foreign.before_fit(SimpleNamespace(engine=SimpleNamespace(rank=0)))
+    state = torch.cuda.get_rng_state()
+    foreign.transform(x)
+    assert torch.equal(torch.cuda.get_rng_state(), state)  # the device's default stream is untouched
+    assert set(foreign.state_dict()["generators"]) == {"cpu", "cuda:0"}
