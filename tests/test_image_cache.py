@@ -94,6 +94,20 @@ def test_the_cache_is_reused_and_rebuilt_when_the_options_change(saved, monkeypa
     assert sorted(p.name for p in first.parent.glob("nntrain-images-*.npy")) == files
 
 
+def test_an_index_mapping_is_followed_and_an_unwritable_cache_falls_back_with_a_warning(saved, monkeypatch):
+    dd = datasets.load_from_disk(saved).shuffle(seed=3)  # rows through an index mapping
+    reference = batches(DataLoaders.from_hf_dd(dd, 16, flatten=False, collate="per_item", shuffle=False))
+    assert_same(batches(DataLoaders.from_hf_dd(dd, 16, flatten=False, shuffle=False)), reference)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(image_cache, "_write_npy", read_only)
+    with pytest.warns(RuntimeWarning, match="cannot cache the decoded images in .*decoding without a cache"):
+        dls = DataLoaders.from_hf_dd(dd, 16, flatten=False, shuffle=False, size=3)
+    assert dls.train.dataset.in_memory and next(iter(dls.train))[0].shape == (16, 3, 3, 3)
+
+
 def test_images_of_any_size_load_with_size_and_each_resize_matches_pil():
     sizes = [(5, 6), (9, 4), (3, 3), (4, 6)]
     dd = datasets.DatasetDict({"train": images(8, 0, sizes), "test": images(4, 1, sizes)})
