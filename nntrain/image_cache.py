@@ -96,7 +96,8 @@ class DiskArray:
         rows = out.reshape(len(idx), self.row_bytes)
         fd, offset, size = self._fd, self.offset, self.row_bytes
         for k, i in enumerate(idx.tolist()):
-            os.preadv(fd, [rows[k]], offset + i * size)
+            if os.preadv(fd, [rows[k]], offset + i * size) != size:
+                raise OSError(f"{self.path} ends before row {i}: the cache file was cut short; delete it to rebuild it")
         return out
 
     def load(self) -> np.ndarray:

@@ -49,7 +49,7 @@ def as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """
     if size is None:
         return None
-    pair = (size, size) if isinstance(size, int) else tuple(size)
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else ()
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
         raise ValueError(f"size must be a positive int or a (height, width) pair of them, got {size!r}")
     return pair[0], pair[1]

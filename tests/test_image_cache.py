@@ -160,6 +160,11 @@ def test_a_disk_array_reads_rows_into_the_batch_and_keeps_no_file_pages(tmp_path
         assert resident_file_bytes() - before < 2 << 20
     clone = pickle.loads(pickle.dumps(arr))  # a worker's copy opens its own file
     assert clone._fd == -1 and np.array_equal(clone.take(np.arange(5)), data[:5])
+    with open(tmp_path / "a.npy", "r+b") as f:  # cut short (a full disk, a stray truncate)
+        f.truncate(arr.offset + 4000 * arr.row_bytes)
+    with pytest.raises(OSError, match="ends before row 4095: the cache file was cut short"):
+        DiskArray(tmp_path / "a.npy").take(np.array([0, 4095]))
+    np.save(tmp_path / "a.npy", data)
     monkeypatch.delattr("os.preadv")  # no positioned reads (Windows): a memory map
     assert np.array_equal(DiskArray(tmp_path / "a.npy").take(order[:7]), data[order[:7]])
 
