@@ -1,6 +1,11 @@
 """Data-loading throughput: the seed's per-item collate vs the batched `from_hf_dd` (vs a plain DataLoader) vs a device-resident loader.
 
-    python -m benchmarks.data [--quick] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.data [--quick] [--device cpu|cuda] [--out DIR] [--part loaders|scale|all]
+
+`--part scale` runs `benchmarks.data_scale` instead (or after, with `all`): nntrain's uint8
+loaders against today's float32 path, the Hugging Face idioms and numpy arrays on generated
+sets of 50k and 200k images and a varied-size set (its options: `--sizes`, `--varied`,
+`--data-dir`). The default, `loaders`, is the part described here.
 
 The embedded digits train split is repeated to 60,000 samples (batch 64). Each loader is timed
 over one shuffled epoch; host loaders' batches are moved to the device inside the timed region
@@ -17,11 +22,11 @@ import time
 import datasets
 import torch
 
+from benchmarks import data_scale
 from benchmarks.common import (base_parser, env_info, markdown_table, median, report, setup_device, spread,
                                sync, target_line)
-from torch.utils.data import DataLoader
 
-from nntrain.data import DataLoaders, digits_dataset_dict, pre_batched_collate
+from nntrain.data import BatchLoader, DataLoaders, digits_dataset_dict, pre_batched_collate
 
 SEED = 0
 BATCH = 64
@@ -29,8 +34,9 @@ SAMPLES = 60_000
 SAMPLES_QUICK = 2_048
 REPEATS = 7
 LOOPS = ("per_item", "batched", "plain", "device")
-"""`batched` is `from_hf_dd`'s train loader (a `ResumableDataLoader`); `plain` is a torch `DataLoader`
-with the same arguments over the same tensors, to show what resumability costs."""
+"""`batched` is `from_hf_dd`'s train loader (a `ResumableDataLoader`); `plain` is a `BatchLoader` (a
+torch `DataLoader` that makes the same floats per batch) with the same arguments over the same
+uint8 images, to show what resumability costs."""
 
 
 class DeviceLoader:
@@ -73,8 +79,20 @@ def epoch_seconds(loader, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; print and write the results. Returns the rows."""
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    """Run the benchmark's part(s); print and write the results. Returns the rows."""
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("loaders", "scale", "all"), default="loaders",
+                        help="loaders: this throughput table (default); scale: benchmarks.data_scale; all: both")
+    data_scale.add_arguments(parser)
+    args = parser.parse_args(argv)
+    rows = run_loaders(args) if args.part in ("loaders", "all") else []
+    if args.part in ("scale", "all"):
+        rows += data_scale.run(args)
+    return rows
+
+
+def run_loaders(args) -> list[dict]:
+    """The loaders part: per-item vs batched vs plain vs device-resident epochs on scaled digits."""
     device = setup_device(args.device, args.threads)
     repeats = args.repeats or (1 if args.quick else REPEATS)
     n = SAMPLES_QUICK if args.quick else SAMPLES
@@ -93,7 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup["batched"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ds = loaders["batched"].dataset  # reuse its decoded tensors: the device copy is the only extra
-    loaders["plain"] = DataLoader(ds, BATCH, shuffle=True, collate_fn=pre_batched_collate)
+    loaders["plain"] = BatchLoader(ds, BATCH, shuffle=True, collate_fn=pre_batched_collate,
+                                   finish=loaders["batched"].finish)
     setup["plain"] = setup["batched"]
     loaders["device"] = DeviceLoader(ds.x.to(device), ds.y.to(device), BATCH)
     sync(device)

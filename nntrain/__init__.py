@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     from nntrain.learner import Learner, MomentumLearner
     from nntrain.schedules import OneCycle
     from nntrain.subscribers import (
+        BatchTransformS,
         CheckpointS,
         DeviceS,
         EarlyStoppingS,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     from nntrain.subscribers.lr_find import SuggestedLRs
 
 _EXPORTS: dict[str, str] = {
+    "BatchTransformS": "nntrain.subscribers",
     "EVENTS": "nntrain.events",
     "CancelBatchException": "nntrain.events",
     "CancelEpochException": "nntrain.events",
@@ -88,6 +90,7 @@ _EXPORTS: dict[str, str] = {
 """Each public name and the module that defines it (or, for `nntrain.subscribers`, re-exports it)."""
 
 __all__ = [
+    "BatchTransformS",
     "EVENTS",
     "CancelBatchException",
     "CancelEpochException",

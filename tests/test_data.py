@@ -357,4 +357,5 @@ def test_resumable_dataloader_draws_the_epoch_order_at_the_first_batch_and_check
 
 def test_from_hf_dd_makes_a_resumable_train_loader():
     dls = DataLoaders.from_hf_dd(digits_dataset_dict(), batch_size=64)
-    assert isinstance(dls.train, ResumableDataLoader) and type(dls.valid) is DataLoader
+    assert isinstance(dls.train, ResumableDataLoader) and isinstance(dls.valid, DataLoader)
+    assert not hasattr(dls.valid, "state_dict")  # Lightning keeps no position for the validation loader

@@ -13,8 +13,10 @@ from nntrain.subscribers.progress import ProgressS
 from nntrain.subscribers.schedule import SchedulerS
 from nntrain.subscribers.stopping import EarlyStoppingS, SaveBestS
 from nntrain.subscribers.tensorboard import TensorBoardS
+from nntrain.subscribers.transforms import BatchTransformS
 
 __all__ = [
+    "BatchTransformS",
     "CheckpointS",
     "DeviceS",
     "EarlyStoppingS",
