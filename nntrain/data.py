@@ -15,7 +15,7 @@ import numpy as np
 
 from nntrain.dataloaders import DataLoaders
 from nntrain.hf_columns import import_datasets as _import_datasets
-from nntrain.image_cache import ImageArrayDataset, DiskArray
+from nntrain.image_cache import DiskArray, ImageArrayDataset
 from nntrain.images import hf_ds_collate_fn
 from nntrain.loaders import (
     BatchLoader,
