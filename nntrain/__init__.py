@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         CancelStepException,
         Subscriber,
     )
-    from nntrain.export import load_learner
     from nntrain.learner import Learner, MomentumLearner
+    from nntrain.load import load_learner
     from nntrain.schedules import OneCycle
     from nntrain.subscribers import (
         BatchTransformS,
@@ -84,7 +84,7 @@ _EXPORTS: dict[str, str] = {
     "latest_checkpoint": "nntrain.checkpoint_state",
     "load_checkpoint": "nntrain.checkpoint_state",
     "load_dataset_dict": "nntrain.data",
-    "load_learner": "nntrain.export",
+    "load_learner": "nntrain.load",
     "save_checkpoint": "nntrain.checkpoint",
 }
 """Each public name and the module that defines it (or, for `nntrain.subscribers`, re-exports it)."""

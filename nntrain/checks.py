@@ -172,10 +172,11 @@ def loader_length(dl: Any) -> int | None:
         return None
 
 
-def check_loaders(dls: Any, model: Any = None) -> None:
+def check_loaders(dls: Any, model: Any = None, mapping_targets: bool = True) -> None:
     """Raise before a fit for a missing, empty or not iterable training loader, a loader that
-    would be used up after one pass (an iterator or generator), or (for a `model` with BatchNorm)
-    a training loader whose last batch holds one sample."""
+    would be used up after one pass (an iterator or generator), (for a `model` with BatchNorm) a
+    training loader whose last batch holds one sample, or (with `mapping_targets`: the learner
+    splits batches the default way) a loader whose first item is a mapping without targets."""
     for name, dl in (("train", dls.train), ("valid", dls.valid)):
         if (dl is None and name == "train") or (dl is not None and not hasattr(dl, "__iter__")):
             raise TypeError(f"dls.{name} is {'None' if dl is None else 'a ' + type(dl).__name__}, not a loader: "
@@ -188,14 +189,16 @@ def check_loaders(dls: Any, model: Any = None) -> None:
             raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
                             f"pass and the next epochs would train on nothing; give a DataLoader or another "
                             f"object that can be iterated again")
-    _check_valid_targets(dls.valid)
+    if mapping_targets:
+        for mode, dl in (("train", dls.train), ("valid", dls.valid)):
+            _check_first_item(dl, mode)
     if model is not None:
         _check_single_sample_tail(model, dls.train)
 
 
-def _check_valid_targets(dl: Any) -> None:
-    """Refuse up front a validation set of mappings without targets (found at its first item),
-    rather than after a whole training pass."""
+def _check_first_item(dl: Any, mode: str) -> None:
+    """Refuse up front a set of mappings without targets (found at its first item): for the
+    validation set, rather than after a whole training pass."""
     dataset = getattr(dl, "dataset", None)
     if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         return
@@ -205,10 +208,8 @@ def _check_valid_targets(dl: Any) -> None:
         item = dataset[0]
     except Exception:  # not indexable by position: the loop finds out
         return
-    if isinstance(item, Mapping) and not any(k in item for k in TARGET_KEYS):
-        raise ValueError(f"the validation set's items have no targets (keys: {sorted(map(str, item))}; targets "
-                         f"go under {' or '.join(map(repr, TARGET_KEYS))}): the validation loss needs them; add "
-                         f"them, or fit with valid=False")
+    if isinstance(item, Mapping):
+        check_batch_structure(None, item, mode)
 
 
 def _check_single_sample_tail(model: Any, dl: Any) -> None:

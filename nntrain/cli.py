@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import shlex
@@ -17,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -200,17 +198,6 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _quiet_lightning() -> None:
-    """Keep the epoch table readable: Lightning's banner and hints are not the user's business here."""
-    from lightning.pytorch.utilities.warnings import (
-        PossibleUserWarning,  # importing sets Lightning's log level
-    )
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=PossibleUserWarning)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
 def run_fit(args: argparse.Namespace) -> int:
     """Train as `args` say; return the exit code.
 
@@ -253,8 +240,6 @@ def run_fit(args: argparse.Namespace) -> int:
         learn = MomentumLearner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs, mom=args.momentum)
     else:
         learn = Learner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs)
-    if args.engine == "lightning":
-        _quiet_lightning()
     print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "  # type: ignore[arg-type]
           f"{type(learn).__name__}, engine={args.engine}, device={device}")
     run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"

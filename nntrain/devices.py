@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from nntrain.events import Subscriber
+from nntrain.events import Subscriber, declared
 
-__all__ = ["DeviceS", "default_device", "model_device", "resolve_device", "to_device"]
+__all__ = ["DeviceS", "default_device", "default_placement", "model_device", "resolve_device", "to_device"]
 
 
 def default_device() -> torch.device:
@@ -95,3 +95,16 @@ class DeviceS(Subscriber):
     def before_batch(self, learn: Any) -> None:
         """Move the batch to the device."""
         learn.batch = to_device(learn.batch, self.device, self.non_blocking)
+
+
+def default_placement(model: Any, device: torch.device | None, subs: Sequence[Any]) -> list[DeviceS]:
+    """A `DeviceS(device)` for a fit of `model` with `subs` attached, or none: when a subscriber
+    already places the model (`role` "device placement"), `device` is None, `model` is no
+    module (the engine refuses it), or model and device are both the CPU (nothing to move, and
+    nothing added to the per-batch path)."""
+    if device is None or not isinstance(model, torch.nn.Module) or \
+            any(declared(s, "role") == "device placement" for s in subs):
+        return []
+    if device.type == "cpu" and model_device(model).type == "cpu":
+        return []
+    return [DeviceS(device)]

@@ -26,7 +26,7 @@ from nntrain.checks import (
     loader_length,
     split_batch,
 )
-from nntrain.devices import DeviceS, model_device, resolve_device
+from nntrain.devices import default_placement, model_device, resolve_device
 from nntrain.dispatch import Dispatcher
 from nntrain.engines import NativeEngine, collate_preds, resolve_engine
 from nntrain.events import (
@@ -38,27 +38,14 @@ from nntrain.events import (
     CancelStepException,
     Subscriber,
     check_subscribers,
-    declared,
 )
 from nntrain.freeze import Splitter, make_optimizer, use_lr
 from nntrain.optim import LR, check_lr_range, get_lr, set_lr
 from nntrain.verbs import LearnerVerbs
 
-__all__ = [
-    "Learner",
-    "MomentumLearner",
-    # re-exported from the modules that define them, for `from nntrain.learner import ...`
-    "EVENTS",
-    "CancelException",
-    "CancelFitException",
-    "CancelEpochException",
-    "CancelBatchException",
-    "CancelStepException",
-    "Subscriber",
-    "get_lr",
-    "set_lr",
-    "model_device",
-    "collate_preds",
+__all__ = [  # Learner, MomentumLearner; the rest re-exported from their modules, for `from nntrain.learner import ...`
+    "Learner", "MomentumLearner", "EVENTS", "CancelException", "CancelFitException", "CancelEpochException",
+    "CancelBatchException", "CancelStepException", "Subscriber", "get_lr", "set_lr", "model_device", "collate_preds",
     "loader_length",
 ]
 
@@ -160,14 +147,9 @@ class Learner(LearnerVerbs):
 
     def placement(self, subs: Sequence[Subscriber] = ()) -> list[Subscriber]:
         """The subscriber that places model and batches on `self.device` for a fit with `subs`
-        (a `DeviceS`, as fastai and Lightning use the GPU when there is one), or none: when a
-        subscriber already does (`role` "device placement"), `device` is None, or everything is
-        on the CPU already."""
-        if self.device is None or any(declared(s, "role") == "device placement" for s in [*self.subs, *subs]):
-            return []
-        if self.device.type == "cpu" and model_device(self.model).type == "cpu":
-            return []
-        return [DeviceS(self.device)]  # a default subscriber, as fastai's default callbacks
+        (a `DeviceS`, as fastai and Lightning use the GPU when there is one), or none: see
+        `nntrain.devices.default_placement`."""
+        return default_placement(self.model, self.device, [*self.subs, *subs])
 
     def publish(self, event: str) -> None:
         """Call every subscriber's handler for `event`, in `order`."""

@@ -26,14 +26,23 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path) -> set[str]:
-    """Every module `path` imports, at the top or inside functions."""
+    """Every module `path` imports at run time, at the top or inside functions (not the names a
+    `if TYPE_CHECKING:` block imports for type checkers). `from package import module` imports
+    the module (and runs the package's `__init__`, which imports lazily)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
+    known = set(modules())
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & known
+            names |= submodules if submodules else {node.module}
     return names
 
 

@@ -219,7 +219,7 @@ class _KwargModel(nn.Module):
 def test_validation_items_without_targets_are_refused_before_training_and_dict_inputs_show_each_shape():
     dls = SimpleNamespace(train=DataLoader(_Dicts(), batch_size=8), valid=DataLoader(_Dicts(False), batch_size=8))
     learn = learner(model=_KwargModel(), dls=dls)
-    with pytest.raises(ValueError, match=r"validation set's items have no targets \(keys: \['x'\]"):
+    with pytest.raises(TypeError, match=r"the validation loader yielded a dict .*its keys: \['x'\]"):
         learn.fit(1)
     assert learn.global_step == 0
     dls.valid = DataLoader(_Dicts(), batch_size=8)

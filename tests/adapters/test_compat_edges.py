@@ -254,7 +254,7 @@ def test_a_lightning_progress_bar_wins_over_progress_s_and_metrics_rows(capfd):
         quiet(learn.fit, 1, engine="lightning", callbacks=[TQDMProgressBar()])
         shown = capfd.readouterr().out
         assert "valid/loss=" in shown  # the epoch values on Lightning's bar
-        assert "| valid |" not in shown and "mode" not in shown  # no MetricsS row, no ProgressS table
+        assert "| valid |" not in shown and "valid_loss" not in shown  # no MetricsS row, no ProgressS table
     quiet(learn.fit, 1, engine="lightning")  # no Lightning bar: ProgressS shows its table
     shown = capfd.readouterr().out
-    assert "mode" in shown and "valid/loss=" not in shown
+    assert "valid_loss" in shown and "valid/loss=" not in shown
