@@ -97,7 +97,7 @@ class DeviceS(Subscriber):
         learn.batch = to_device(learn.batch, self.device, self.non_blocking)
 
 
-def default_placement(model: Any, device: torch.device | None, subs: Sequence[Any]) -> list[DeviceS]:
+def default_placement(model: Any, device: torch.device | None, subs: Sequence[Any]) -> list[Subscriber]:
     """A `DeviceS(device)` for a fit of `model` with `subs` attached, or none: when a subscriber
     already places the model (`role` "device placement"), `device` is None, `model` is no
     module (the engine refuses it), or model and device are both the CPU (nothing to move, and

@@ -290,7 +290,7 @@ class Learner(LearnerVerbs):
         The optimizer is made on the first fit and kept afterwards (its state survives between
         fits); `lr` sets the learning rate for this fit and the ones after it.
         """
-        check_loaders(self.dls, self.model)
+        check_loaders(self.dls, self.model, mapping_targets=type(self).split_batch is Learner.split_batch)
         if self.opt is None:
             self.create_opt(lr)
         elif lr is not None:

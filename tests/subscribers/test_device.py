@@ -122,7 +122,7 @@ def test_a_model_on_another_device_than_its_inputs_is_named_in_the_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("engine", ["native", "lightning"])
-def test_a_default_learner_trains_on_the_gpu_on_both_engines(engine):
+def test_a_default_learner_trains_on_cuda_on_both_engines(engine):
     learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, subs=[BatchDevices()])
     learn.fit(1, engine=engine)
     assert next(learn.model.parameters()).device.type == "cuda"
