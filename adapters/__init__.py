@@ -2,8 +2,15 @@
 
 `to_lightning(learn)` gives a `LearnerModule` and the one `LearnerCallback` that runs the
 learner's subscribers, for a Trainer you build; `learn.fit(epochs, engine="lightning",
-**trainer_kwargs)` does it for you (through `LightningRunner`). `HOOK_TABLE` is the whole Lightning-to-nntrain mapping.
+**trainer_kwargs)` does it for you (through `LightningRunner`). `HOOK_TABLE` is the whole
+Lightning-to-nntrain mapping.
 """
+
+import warnings
+
+with warnings.catch_warnings():  # Lightning imports tqdm.auto: in a notebook without ipywidgets tqdm warns
+    warnings.filterwarnings("ignore", message="IProgress not found")  # about a bar nntrain does not draw
+    import lightning  # noqa: F401
 
 from nntrain.adapters.callback import (
                                   HOOK_TABLE,

@@ -28,8 +28,9 @@ learn = Learner(tiny_model(), tiny_dls(), F.cross_entropy, torch.optim.SGD, 0.1,
     "learn.fit_one_cycle(2, lr_max=0.2)",
     "learn.scheduler.plot()",
     "%matplotlib inline\nimport matplotlib.pyplot as plt\nlrf.plot()",  # pyplot's inline display adds no copy
+    "learn.fit(1, engine='lightning')",  # the same displays; no Out[] Trainer, no warnings
 ]
-SETUP, LR_FIND, LR_PLOT, FIT, SCHEDULE_PLOT, INLINE_LR_PLOT = range(len(CELLS))
+SETUP, LR_FIND, LR_PLOT, FIT, SCHEDULE_PLOT, INLINE_LR_PLOT, LIGHTNING_FIT = range(len(CELLS))
 
 
 class RecordingClient(nbclient.NotebookClient):
@@ -79,6 +80,12 @@ def test_nothing_shows_as_figure_text_or_terminal_frames(executed):
             texts = [out.get("text", ""), *(v for k, v in out.get("data", {}).items() if k.startswith("text/"))]
             assert not any("<Figure size" in t or "\r" in t for t in texts), out
             assert out.output_type != "stream", out  # no rows or warnings printed around the displays
+
+
+def test_a_lightning_fit_shows_the_same_displays_and_no_trainer(executed):
+    shown = outputs(executed, LIGHTNING_FIT)
+    assert [out.output_type for out in shown] == ["display_data"] * 3  # bars, table, plot; no Out[]
+    assert shown[1].data["text/html"].count("<tr>") == 1
 
 
 def test_fit_shows_bars_then_one_table_then_the_live_plot_each_updated_in_place(executed):
