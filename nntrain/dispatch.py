@@ -28,6 +28,10 @@ from nntrain.events import (
 
 __all__ = ["Dispatcher"]
 
+_BEFORE = {scope: f"before_{scope}" for scope in ("fit", "epoch", "batch")}
+_AFTER = {scope: f"after_{scope}" for scope in ("fit", "epoch", "batch")}
+_CLEANUP = {scope: f"cleanup_{scope}" for scope in ("fit", "epoch", "batch")}
+
 _SCOPE_OF: dict[type[CancelException], str] = {
     CancelFitException: "fit",
     CancelEpochException: "epoch",
@@ -93,6 +97,7 @@ class Dispatcher:
     def __init__(self, learn: Any) -> None:
         self.learn = learn
         self.handlers = event_handlers(())
+        self.live: frozenset[str] = frozenset()  # the events some handler listens to: the others cost no call
         self.subs: list[Any] = []  # the subscribers dispatched to (`set_subs`)
         self.one_rank_events: frozenset[str] = frozenset()
         self.agree: Callable[[int], int] | None = None
@@ -121,6 +126,7 @@ class Dispatcher:
         subs = list(subs)
         check_roles(subs, origins)
         self.handlers = event_handlers(subs)
+        self.live = frozenset(event for event, handlers in self.handlers.items() if handlers)  # listened to
         self.subs = subs  # what checkpoints save and a resume gives states to (a Trainer flag's recipes too)
         self.one_rank_events = _one_rank_events(self.handlers)
 
@@ -228,10 +234,12 @@ class Dispatcher:
         if self.cancelled is not None:
             return False
         self.open.append(scope)
-        try:
-            self.publish(f"before_{scope}")
-        except CancelException as exc:
-            self._cancel(exc, scope)
+        event = _BEFORE[scope]
+        if event in self.live:
+            try:
+                self.publish(event)
+            except CancelException as exc:
+                self._cancel(exc, scope)
         return self.cancelled is None
 
     def run(self, scope: str, body: Callable[..., None], *args: Any) -> None:
@@ -254,9 +262,9 @@ class Dispatcher:
         if scope == "epoch" and plan is not None and plan.inside_epoch and self.learn.mode == "train" and not failed:
             self._apply_resume()  # a training pass that ended before any batch past the saved position
         try:
-            if not failed and self.cancelled is None:
+            if not failed and self.cancelled is None and _AFTER[scope] in self.live:
                 try:
-                    self.publish(f"after_{scope}")
+                    self.publish(_AFTER[scope])
                 except CancelException as exc:
                     self._cancel(exc, scope)
         finally:
@@ -270,7 +278,9 @@ class Dispatcher:
         `EarlyStoppingS` ends the fit once an epoch has wholly ended) takes effect after all ran.
         While an error unwinds the scope (`failed`), a cleanup's own error is a warning, so the
         first error is the one raised."""
-        event = f"cleanup_{scope}"
+        event = _CLEANUP[scope]
+        if event not in self.live:
+            return
         pending: CancelException | None = None
         learn = self.learn
         for handler in self.handlers[event]:

@@ -124,8 +124,9 @@ class CompiledLearner(Learner):
         if self._compiled_forward is None:
             self._compiled_forward = torch.compile(self._forward, mode=self.compile_mode)
             self._compiled_step = torch.compile(self._opt_step, mode=self.compile_mode)
-        publish = self.dispatch.publish
+        dispatch = self.dispatch
         self.preds, self.loss = self._compiled_forward(self.batch)
-        publish("after_predict")
-        publish("after_loss")
+        for event in ("after_predict", "after_loss"):
+            if event in dispatch.live:
+                dispatch.publish(event)
         self.optimize(self._compiled_step)
