@@ -29,6 +29,8 @@ def bind(module: Any, trainer: L.Trainer, subs: list[Any], stage: str) -> dict[s
     from nntrain.adapters.precision import bridge_subscribers
 
     learn = module.learn
+    if stage == "fit" and trainer.world_size > 1:
+        _warn_unshuffled_order(learn.dls.train, trainer)
     learn.engine = LightningEngine(module, trainer)
     origins = {id(sub): f"from the Trainer's {flag}={module.taken_flags[flag]}" for sub in module.recipe_subs
                if (flag := _FLAGS.get(declared(sub, "role"), "")) in module.taken_flags}
@@ -46,6 +48,21 @@ def bind(module: Any, trainer: L.Trainer, subs: list[Any], stage: str) -> dict[s
 
         learn.grad_scaling = GradScaling(learn.engine.scaler, owned=False)
     return saved
+
+
+def _warn_unshuffled_order(loader: Any, trainer: L.Trainer) -> None:
+    """Under DDP Lightning gives the training loader a `DistributedSampler` that shuffles: say so
+    (rank 0) when the loader was made to keep its order."""
+    from torch.utils.data import SequentialSampler
+
+    replaced = getattr(trainer._accelerator_connector, "use_distributed_sampler", True)
+    if replaced and isinstance(getattr(loader, "sampler", None), SequentialSampler) and trainer.is_global_zero:
+        import warnings
+
+        warnings.warn("under DDP Lightning gives the training loader a DistributedSampler that shuffles (seed 0 + "
+                      "epoch), although it was made with shuffle=False: to keep its order, pass "
+                      "use_distributed_sampler=False and give the loader a sampler that splits the data by rank",
+                      RuntimeWarning, stacklevel=2)
 
 
 def give_back(module: Any, trainer: L.Trainer, saved: dict[str, Any], stage: str) -> None:

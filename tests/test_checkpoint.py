@@ -480,3 +480,22 @@ def test_the_format_version_is_checked_and_format_2_keys_are_read(tmp_path):
     save_checkpoint({"model": {}, "optimizer": None, **entry, "format": 1}, tmp_path / "older.pt")
     with pytest.raises(CheckpointError, match="format 1, which this nntrain cannot read"):
         load_checkpoint(tmp_path / "older.pt")
+
+
+def test_ctrl_c_in_validation_right_after_resuming_at_a_passs_last_batch_names_the_checkpoint(tmp_path):
+    learn, _ = make(CheckpointS(tmp_path / "ck", every_batches=6), CtrlC((0, 5), event="after_batch"))
+    torch.manual_seed(123)
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(EPOCHS)  # the checkpoint after batch 5, the epoch's last: held, then saved there
+    newest = list_checkpoints(tmp_path / "ck")[-1]
+    assert newest.name.endswith("-e000000-b0000005.pt")
+    resumed, _ = make(CheckpointS(tmp_path / "ck", every_batches=6), CtrlC((0, 0), mode="valid"))
+    with pytest.warns(RuntimeWarning, match=rf"before this fit trained a batch: .*holds the current state \(.*{newest.name}"):
+        with pytest.raises(KeyboardInterrupt):
+            resumed.fit(EPOCHS, resume="last")
+    assert list_checkpoints(tmp_path / "ck")[-1] == newest
+
+
+def test_a_checkpoint_directory_of_none_is_named():
+    with pytest.raises(TypeError, match="CheckpointS needs a directory"):
+        CheckpointS(None)

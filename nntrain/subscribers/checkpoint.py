@@ -90,6 +90,8 @@ class CheckpointS(Subscriber):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
+        if not isinstance(dir, (str, os.PathLike)) or str(dir) == "":
+            raise TypeError(f"CheckpointS needs a directory to write to (a str or path), got {dir!r}")
         self.dir = Path(dir)
         self.save_on_interrupt = save_on_interrupt
         self.every_epochs, self.every_batches, self.keep = every_epochs, every_batches, keep
@@ -273,6 +275,12 @@ class CheckpointS(Subscriber):
                                   f"is {self.saved[-1] if self.saved else 'none from this fit'}",
                                   RuntimeWarning, stacklevel=2)
             elif not self._saved_here:
+                plan = learn.resume_plan
+                if plan is not None and learn.global_step == plan.global_step:  # nothing trained since
+                    warnings.warn(f"interrupted before this fit trained a batch: the checkpoint it resumed from "
+                                  f"holds the current state ({plan.path}); resume from it again",
+                                  RuntimeWarning, stacklevel=2)
+                    return
                 newest = self.saved[-1] if self.saved else "none from this fit"
                 warnings.warn(f"interrupted inside a training batch (or before the first): no checkpoint "
                               f"written; the newest is {newest}",

@@ -258,3 +258,21 @@ def test_a_lightning_progress_bar_wins_over_progress_s_and_metrics_rows(capfd):
     quiet(learn.fit, 1, engine="lightning")  # no Lightning bar: ProgressS shows its table
     shown = capfd.readouterr().out
     assert "valid_loss" in shown and "valid/loss=" not in shown
+
+
+def test_ddp_says_when_it_shuffles_a_training_loader_made_with_shuffle_false():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from nntrain.adapters.binding import _warn_unshuffled_order
+
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
+                              is_global_zero=True)
+    with pytest.warns(RuntimeWarning, match="DistributedSampler that shuffles.*use_distributed_sampler=False"):
+        _warn_unshuffled_order(DataLoader(list(range(8)), batch_size=2), trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unshuffled_order(DataLoader(list(range(8)), batch_size=2, shuffle=True), trainer)
+        trainer._accelerator_connector.use_distributed_sampler = False
+        _warn_unshuffled_order(DataLoader(list(range(8)), batch_size=2), trainer)
