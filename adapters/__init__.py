@@ -13,18 +13,18 @@ with warnings.catch_warnings():  # Lightning imports tqdm.auto: in a notebook wi
     import lightning  # noqa: F401
 
 from nntrain.adapters.callback import (
-                                  HOOK_TABLE,
-                                  STEP_TABLE,
-                                  LearnerCallback,
-                                  hook_table_markdown,
+    HOOK_TABLE,
+    STEP_TABLE,
+    LearnerCallback,
+    hook_table_markdown,
 )
 from nntrain.adapters.engine import REFUSED_CALLBACKS, LightningEngine
 from nntrain.adapters.fit import (
-                                  UNSUPPORTED_TRAINER_OPTIONS,
-                                  LightningRunner,
-                                  model_device,
-                                  to_lightning,
-                                  trainer_defaults,
+    UNSUPPORTED_TRAINER_OPTIONS,
+    LightningRunner,
+    model_device,
+    to_lightning,
+    trainer_defaults,
 )
 from nntrain.adapters.module import ForeignOptimizer, LearnerModule
 

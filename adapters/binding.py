@@ -32,8 +32,11 @@ def bind(module: Any, trainer: L.Trainer, subs: list[Any], stage: str) -> dict[s
     if stage == "fit" and trainer.world_size > 1:
         _warn_unshuffled_order(learn.dls.train, trainer)
     learn.engine = LightningEngine(module, trainer)
-    origins = {id(sub): f"from the Trainer's {flag}={module.taken_flags[flag]}" for sub in module.recipe_subs
-               if (flag := _FLAGS.get(declared(sub, "role"), "")) in module.taken_flags}
+    origins = {
+        id(sub): f"from the Trainer's {flag}={module.taken_flags[flag]}"
+        for sub in module.recipe_subs
+        if (flag := _FLAGS.get(declared(sub, "role"), "")) in module.taken_flags
+    }
     learn.dispatch.set_subs([*subs, *module.recipe_subs, *bridge_subscribers(module, trainer)], origins)
     learn.dispatch.reset(propagate=False, agree=learn.engine.agree_cancel if trainer.world_size > 1 else None)
     saved = {
@@ -59,10 +62,13 @@ def _warn_unshuffled_order(loader: Any, trainer: L.Trainer) -> None:
     if replaced and isinstance(getattr(loader, "sampler", None), SequentialSampler) and trainer.is_global_zero:
         import warnings
 
-        warnings.warn("under DDP Lightning gives the training loader a DistributedSampler that shuffles (seed 0 + "
-                      "epoch), although it was made with shuffle=False: to keep its order, pass "
-                      "use_distributed_sampler=False and give the loader a sampler that splits the data by rank",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "under DDP Lightning gives the training loader a DistributedSampler that shuffles (seed 0 + "
+            "epoch), although it was made with shuffle=False: to keep its order, pass "
+            "use_distributed_sampler=False and give the loader a sampler that splits the data by rank",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def give_back(module: Any, trainer: L.Trainer, saved: dict[str, Any], stage: str) -> None:
@@ -136,6 +142,10 @@ def match_optimizer_state(opt: Any) -> None:
             if not isinstance(p, torch.Tensor) or not isinstance(entry, dict):
                 continue
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != p.dtype \
-                        and value.shape == p.shape:
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and value.dtype != p.dtype
+                    and value.shape == p.shape
+                ):
                     entry[key] = value.to(p.dtype)

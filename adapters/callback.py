@@ -60,15 +60,18 @@ pass closes when validation starts, so the order of events is the native one."""
 
 STEP_TABLE: dict[str, str] = {
     "training_step": "after_predict, after_loss, before_backward, after_backward, before_step, after_step "
-                     "(learn.run_step)",
+    "(learn.run_step)",
     "validation_step": "after_predict, after_loss",
     "test_step": "after_predict, after_loss",
     "predict_step": "(no event) learn.predict_batch(): (preds, targets)",
 }
 """The `LearnerModule` steps and the events they fire."""
 
-_SCOPE_EVENTS = {"fit": "before_fit / after_fit, cleanup_fit", "epoch": "before_epoch / after_epoch, cleanup_epoch",
-                 "batch": "before_batch / after_batch, cleanup_batch"}
+_SCOPE_EVENTS = {
+    "fit": "before_fit / after_fit, cleanup_fit",
+    "epoch": "before_epoch / after_epoch, cleanup_epoch",
+    "batch": "before_batch / after_batch, cleanup_batch",
+}
 
 
 def hook_table_markdown() -> str:
@@ -90,8 +93,9 @@ class LearnerCallback(L.Callback):
     def __init__(self, module: LearnerModule, subs: list[Any]) -> None:
         self.module = module
         self.subs = list(subs)
-        self._table = {hook: tuple((getattr(self, f"_{a[0]}"), a[1:]) for a in actions)
-                       for hook, actions in HOOK_TABLE.items()}
+        self._table = {
+            hook: tuple((getattr(self, f"_{a[0]}"), a[1:]) for a in actions) for hook, actions in HOOK_TABLE.items()
+        }
         self._saved: dict[str, Any] = {}  # what `give_back` restores (empty: not bound)
         self._exception: Any = None  # an ExceptionState while an OnExceptionCheckpoint may save
         self._reopen = False  # resumed inside an epoch: Lightning starts it without on_train_epoch_start
@@ -128,8 +132,7 @@ class LearnerCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._drive("on_train_batch_start", trainer, batch, batch_idx)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._drive("on_train_batch_end", trainer, batch, batch_idx)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
@@ -138,12 +141,14 @@ class LearnerCallback(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         self._drive("on_validation_epoch_start", trainer)
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:  # noqa: D102
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:  # noqa: D102
         self._drive("on_validation_batch_start", trainer, batch, batch_idx)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:  # noqa: D102
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:  # noqa: D102
         self._drive("on_validation_batch_end", trainer, batch, batch_idx)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
@@ -164,12 +169,14 @@ class LearnerCallback(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
         self._drive("on_test_epoch_start", trainer)
 
-    def on_test_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:  # noqa: D102
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:  # noqa: D102
         self._drive("on_test_batch_start", trainer, batch, batch_idx)
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:  # noqa: D102
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:  # noqa: D102
         self._drive("on_test_batch_end", trainer, batch, batch_idx)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:  # noqa: D102
@@ -192,8 +199,10 @@ class LearnerCallback(L.Callback):
 
         module = self.module
         if trainer.lightning_module is not module:
-            raise ValueError("this LearnerCallback belongs to another LearnerModule: make both with "
-                             "nntrain.adapters.to_lightning(learn) and give them to one Trainer")
+            raise ValueError(
+                "this LearnerCallback belongs to another LearnerModule: make both with "
+                "nntrain.adapters.to_lightning(learn) and give them to one Trainer"
+            )
         refuse_unsupported(trainer, stage)
         self._saved = bind(module, trainer, self.subs, stage)
         self._reopen, self._skip = False, 0
@@ -214,8 +223,9 @@ class LearnerCallback(L.Callback):
     def _teardown(self, trainer: L.Trainer, stage: str) -> None:
         self.give_back(trainer, stage)
 
-    def _open(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
-              batch_idx: int = 0) -> None:
+    def _open(
+        self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None, batch_idx: int = 0
+    ) -> None:
         # HOOK_TABLE gives every batch and epoch row its mode
         if scope == "batch":
             self._open_batch(trainer, mode, batch, batch_idx)  # type: ignore[arg-type]
@@ -241,8 +251,11 @@ class LearnerCallback(L.Callback):
         if plan is not None:
             learn.global_step = plan.global_step
             dispatch.resume = plan
-        dispatch.open_fit(module.epoch_offset + trainer.max_epochs, bool(trainer.limit_val_batches),  # type: ignore[operator]
-                          plan.start_epoch if plan is not None else 0)
+        dispatch.open_fit(
+            module.epoch_offset + trainer.max_epochs,  # type: ignore[operator]
+            bool(trainer.limit_val_batches),
+            plan.start_epoch if plan is not None else 0,
+        )
         learn.model.train()  # after before_fit (which sees the mode the last pass left, as natively),
         # before Lightning looks for modules in eval mode
         if plan is not None and plan.lightning and not plan.inside_epoch and module.fit_lr is not None:
@@ -280,15 +293,20 @@ class LearnerCallback(L.Callback):
             return
         if epoch is None:
             epoch = self.module.epoch if mode == "train" or trainer.state.fn == "fit" else 0
-        dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders,
-              "test": trainer.test_dataloaders}[mode]
-        n = trainer.num_training_batches if mode == "train" else \
-            (trainer.num_val_batches if mode == "valid" else trainer.num_test_batches)
+        dl = {"train": trainer.train_dataloader, "valid": trainer.val_dataloaders, "test": trainer.test_dataloaders}[
+            mode
+        ]
+        n = (
+            trainer.num_training_batches
+            if mode == "train"
+            else (trainer.num_val_batches if mode == "valid" else trainer.num_test_batches)
+        )
         n = n[0] if isinstance(n, list) else n
         dispatch.open_epoch(mode, epoch, dl, int(n) if n != float("inf") else None)
 
-    def _close(self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None,
-               batch_idx: int = 0) -> None:
+    def _close(
+        self, trainer: L.Trainer, scope: str, mode: str | None = None, batch: Any = None, batch_idx: int = 0
+    ) -> None:
         learn = self.module.learn
         dispatch = learn.dispatch
         if scope == "batch":
@@ -356,9 +374,11 @@ class LearnerCallback(L.Callback):
         module = self.module
         learn = module.learn
         if module.lr_schedulers():
-            raise ValueError("LR schedulers from configure_optimizers are not stepped by the nntrain bridge "
-                             "(its optimization is manual): attach nntrain.SchedulerS(lambda opt: <scheduler>), "
-                             "which steps it on both engines")
+            raise ValueError(
+                "LR schedulers from configure_optimizers are not stepped by the nntrain bridge "
+                "(its optimization is manual): attach nntrain.SchedulerS(lambda opt: <scheduler>), "
+                "which steps it on both engines"
+            )
         learn.model.train()
         learn.opt = module.optimizers()
         match_optimizer_state(module.plain_opt)  # a *-true precision converted the parameters
@@ -396,7 +416,8 @@ class LearnerCallback(L.Callback):
                 f"Lightning resumes this checkpoint (taken after the last training batch of epoch {plan.epoch}) "
                 f"at epoch {plan.epoch + 1}, without running epoch {plan.epoch}'s validation pass: that epoch has "
                 "no validation metrics. Checkpoint at epoch ends (CheckpointS does) to keep them.",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._open_epoch(trainer, "train", epoch=plan.epoch)
         self._close(trainer, "epoch", "train")
-

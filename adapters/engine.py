@@ -16,8 +16,14 @@ from nntrain.optim import get_lr
 if TYPE_CHECKING:
     from nntrain.adapters.module import LearnerModule
 
-__all__ = ["LightningEngine", "REFUSED_CALLBACKS", "refuse_callbacks", "refuse_unsupported", "take_trainer_recipes",
-           "give_back_trainer_recipes"]
+__all__ = [
+    "LightningEngine",
+    "REFUSED_CALLBACKS",
+    "refuse_callbacks",
+    "refuse_unsupported",
+    "take_trainer_recipes",
+    "give_back_trainer_recipes",
+]
 
 REFUSED_CALLBACKS: dict[str, str] = {
     "LearningRateFinder": "Lightning's LR finder (Tuner.lr_find) needs automatic optimization and "
@@ -52,18 +58,21 @@ def refuse_unsupported(trainer: L.Trainer, stage: str) -> None:
     """
     refuse_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
     if stage == "fit" and trainer.max_epochs in (None, -1):
-        steps = f"max_steps={trainer.max_steps} without max_epochs" if trainer.max_steps != -1 else \
-            "max_epochs=-1 (no end)"
+        steps = (
+            f"max_steps={trainer.max_steps} without max_epochs" if trainer.max_steps != -1 else "max_epochs=-1 (no end)"
+        )
         raise ValueError(
             f"Trainer({steps}) is not supported by the nntrain bridge: an nntrain fit counts epochs "
             "(learn.n_epochs, which EarlyStoppingS, schedules and progress read); give max_epochs as well "
             "(Lightning stops at whichever limit comes first), or use learn.fit(epochs, engine='lightning', "
-            "max_steps=...)")
+            "max_steps=...)"
+        )
     if stage == "fit" and trainer.val_check_interval != 1.0:
         raise ValueError(
             f"val_check_interval={trainer.val_check_interval!r} is not supported by the nntrain bridge: "
             "an epoch is a training pass then one validation pass on both engines; validate more often "
-            "with shorter epochs (limit_train_batches=0.5) or every few epochs (check_val_every_n_epoch)")
+            "with shorter epochs (limit_train_batches=0.5) or every few epochs (check_val_every_n_epoch)"
+        )
 
 
 def take_trainer_recipes(trainer: L.Trainer) -> tuple[list[Any], dict[str, Any]]:
@@ -164,12 +173,21 @@ class LightningEngine:
             with warnings.catch_warnings():  # our own call: "logger=True but no logger configured"
                 warnings.filterwarnings("ignore", ".*no logger configured.*")
                 for name, value in values.items():
-                    self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
-                                    logger=True, batch_size=1)
+                    self.module.log(
+                        name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync, logger=True, batch_size=1
+                    )
             return
         for name, value in values.items():  # on the progress bar, which shows them instead of MetricsS's rows
-            self.module.log(name, _exact(value), on_step=False, on_epoch=True, sync_dist=sync,
-                            logger=False, batch_size=1, prog_bar=self.shows_progress)
+            self.module.log(
+                name,
+                _exact(value),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=sync,
+                logger=False,
+                batch_size=1,
+                prog_bar=self.shows_progress,
+            )
         loggers = [lg for lg in self.trainer.loggers if lg not in self.claimed]
         if loggers and self.rank == 0:
             step = self.trainer.global_step

@@ -57,8 +57,9 @@ def _bridgeable(subs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
     return kept, needs
 
 
-def to_lightning(learn: Learner, subs: Sequence[Subscriber] = (), train: bool = True
-                 ) -> tuple[LearnerModule, list[LearnerCallback]]:
+def to_lightning(
+    learn: Learner, subs: Sequence[Subscriber] = (), train: bool = True
+) -> tuple[LearnerModule, list[LearnerCallback]]:
     """A LightningModule for `learn` and the one Callback that runs its subscribers (the
     learner's plus `subs`), for a Trainer you build yourself: `trainer.fit`, `validate`,
     `test` and `predict` then run the learner as natively.
@@ -145,8 +146,9 @@ class LightningRunner:
         """
         for option, why in UNSUPPORTED_TRAINER_OPTIONS.items():
             if option in options:
-                raise ValueError(f"Trainer option {option}={options[option]!r} is not supported by the "
-                                 f"nntrain bridge: {why}")
+                raise ValueError(
+                    f"Trainer option {option}={options[option]!r} is not supported by the nntrain bridge: {why}"
+                )
         if not isinstance(learn.model, nn.Module):
             raise TypeError(f"learn.model must be a torch.nn.Module, got {type(learn.model).__name__}")
         refuse_callbacks(options.get("callbacks") or [])  # some act in their own setup, before ours
@@ -170,13 +172,22 @@ class LightningRunner:
         if plan.lightning and plan.inside_epoch and not hasattr(learn.dls.train, "load_state_dict"):
             from nntrain.adapters.module import loader_cannot_resume
 
-            raise loader_cannot_resume(f"checkpoint {plan.path}", {"epoch": plan.epoch, "iter": plan.iter},
-                                       learn.dls.train)
+            raise loader_cannot_resume(
+                f"checkpoint {plan.path}", {"epoch": plan.epoch, "iter": plan.iter}, learn.dls.train
+            )
         self.resume_view = (plan.key(), plan.describe())
         return plan
 
-    def fit(self, learn: Learner, epochs: int, plan: ResumePlan | None, train: bool, valid: bool,
-            lr: float | None, options: dict[str, Any]) -> None:
+    def fit(
+        self,
+        learn: Learner,
+        epochs: int,
+        plan: ResumePlan | None,
+        train: bool,
+        valid: bool,
+        lr: float | None,
+        options: dict[str, Any],
+    ) -> None:
         """Run `trainer.fit` for the epochs left; the Trainer (its `callback_metrics`, `logger` and
         checkpoint paths) is `learn.trainer` afterwards."""
         options = dict(options)
@@ -203,8 +214,9 @@ class LightningRunner:
             refuse_unasked_resume(user_callbacks)
         module.quiet_workers = None if verbose else (shown, bridge_logger)
         with lightning_quiet(verbose, shown, bridge_logger):
-            trainer = L.Trainer(max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks],
-                                **trainer_options)
+            trainer = L.Trainer(
+                max_epochs=max(epochs - offset, 0), callbacks=[*callbacks, *user_callbacks], **trainer_options
+            )
         learn.trainer = trainer
         with _spawned_results(trainer, module), lightning_quiet(verbose, shown, bridge_logger):
             trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path is not None else None)
@@ -249,7 +261,8 @@ def refuse_unasked_resume(callbacks: Sequence[Any]) -> None:
             raise ValueError(
                 f"{cb.ckpt_path} is there, written by OnExceptionCheckpoint when a run failed, and Lightning would "
                 f"resume from it although this fit asked for no resume: continue that run with "
-                f"fit(..., resume={cb.ckpt_path!r}), or delete the file to start afresh")
+                f"fit(..., resume={cb.ckpt_path!r}), or delete the file to start afresh"
+            )
 
 
 def _tensorboard_logger(needs: dict[str, Any]) -> Any:
@@ -260,8 +273,9 @@ def _tensorboard_logger(needs: dict[str, Any]) -> Any:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     make_log_dir(needs["tensorboard_dir"])  # an unusable directory: a clear error, before training
-    return TensorBoardLogger(save_dir=str(needs["tensorboard_dir"]), name=needs.get("tensorboard_name") or "",
-                             default_hp_metric=False)
+    return TensorBoardLogger(
+        save_dir=str(needs["tensorboard_dir"]), name=needs.get("tensorboard_name") or "", default_hp_metric=False
+    )
 
 
 @contextlib.contextmanager

@@ -19,8 +19,14 @@ from typing import Any
 from nntrain.checkpoint_state import REQUIRED_KEYS, capture
 from nntrain.rng import rng_state
 
-__all__ = ["ExceptionState", "has_exception_checkpoint", "match_loader_position", "NOT_RESUMABLE",
-           "refuse_not_resumable", "native_ckpt_path_error"]
+__all__ = [
+    "ExceptionState",
+    "has_exception_checkpoint",
+    "match_loader_position",
+    "NOT_RESUMABLE",
+    "refuse_not_resumable",
+    "native_ckpt_path_error",
+]
 
 NOT_RESUMABLE = "not_resumable"
 """The key of the learner state (`"nntrain"` entry) that says where an on-exception checkpoint
@@ -92,7 +98,8 @@ def refuse_not_resumable(path: Any, entry: dict[str, Any]) -> None:
         raise ValueError(
             f"checkpoint {path} was written by OnExceptionCheckpoint {why}: it does not hold a state a fit can "
             "continue exactly. Resume from the newest checkpoint written at a clean point (CheckpointS(dir, "
-            "every_batches=N) or ModelCheckpoint), or load its weights with trainer.validate(ckpt_path=...)")
+            "every_batches=N) or ModelCheckpoint), or load its weights with trainer.validate(ckpt_path=...)"
+        )
 
 
 def native_ckpt_path_error(trainer: Any, exception: BaseException) -> ValueError | None:
@@ -114,4 +121,5 @@ def native_ckpt_path_error(trainer: Any, exception: BaseException) -> ValueError
     return ValueError(
         f"ckpt_path {str(path)!r} is a native nntrain checkpoint, which a Trainer cannot load: continue it with "
         f"learn.fit(epochs, engine='lightning', resume={str(path)!r}) (the learner loads it and the Trainer runs "
-        f"the epochs left), or load its weights with learn.load({str(path)!r})")
+        f"the epochs left), or load its weights with learn.load({str(path)!r})"
+    )

@@ -21,8 +21,14 @@ from nntrain.optim import get_lr, set_lr
 from nntrain.resume import ResumePlan
 from nntrain.rng import rng_state
 
-__all__ = ["LearnerModule", "ForeignOptimizer", "CHECKPOINT_KEY", "loader_cannot_resume", "shards_parameters",
-           "optimizer_over"]
+__all__ = [
+    "LearnerModule",
+    "ForeignOptimizer",
+    "CHECKPOINT_KEY",
+    "loader_cannot_resume",
+    "shards_parameters",
+    "optimizer_over",
+]
 
 CHECKPOINT_KEY = CHECKPOINT_ENTRY
 """The entry `LearnerModule` adds to Lightning checkpoints: the learner state (`LEARNER_KEYS`)."""
@@ -55,15 +61,21 @@ def optimizer_over(opt: Any, params: Any) -> torch.optim.Optimizer:
     """
     what = "under a strategy that shards the parameters (FSDP), the optimizer is made again over them"
     if not isinstance(opt, torch.optim.Optimizer):
-        raise ValueError(f"{what}, which a hand-written optimizer ({type(opt).__name__}) cannot be: pass a "
-                         "torch.optim optimizer class as optim_class, or use strategy='ddp'")
+        raise ValueError(
+            f"{what}, which a hand-written optimizer ({type(opt).__name__}) cannot be: pass a "
+            "torch.optim optimizer class as optim_class, or use strategy='ddp'"
+        )
     if len(opt.param_groups) != 1:
-        raise ValueError(f"{what}, as one parameter group; this optimizer has {len(opt.param_groups)}: use one "
-                         "group, or strategy='ddp'")
+        raise ValueError(
+            f"{what}, as one parameter group; this optimizer has {len(opt.param_groups)}: use one "
+            "group, or strategy='ddp'"
+        )
     if opt.state:
-        raise ValueError(f"{what}, so the state the learner's optimizer holds (from an earlier fit or a native "
-                         "checkpoint) cannot be carried over: resume from a Lightning checkpoint of a sharded fit "
-                         "(fit(engine='lightning', resume=...)), or fit a fresh learner")
+        raise ValueError(
+            f"{what}, so the state the learner's optimizer holds (from an earlier fit or a native "
+            "checkpoint) cannot be carried over: resume from a Lightning checkpoint of a sharded fit "
+            "(fit(engine='lightning', resume=...)), or fit a fresh learner"
+        )
     group, accepted = opt.param_groups[0], inspect.signature(type(opt)).parameters
     return type(opt)(params, **{key: group[key] for key in opt.defaults if key in group and key in accepted})
 
@@ -109,7 +121,8 @@ class LearnerModule(L.LightningModule):
                 f"LearnerModule needs a Learner, got {type(learn).__name__}: it runs a learner built in Python, "
                 "so LightningCLI or a config cannot make one. Build the learner and call learn.fit(epochs, "
                 "engine='lightning', **trainer_options), or nntrain.adapters.to_lightning(learn) for your own "
-                "Trainer; the `nntrain fit` command line trains from flags")
+                "Trainer; the `nntrain fit` command line trains from flags"
+            )
         super().__init__()
         self.automatic_optimization = False
         self.learn = learn
@@ -147,11 +160,12 @@ class LearnerModule(L.LightningModule):
         """Check that the Trainer has this learner's `LearnerCallback` (it drives the events)."""
         from nntrain.adapters.callback import LearnerCallback
 
-        if not any(isinstance(cb, LearnerCallback) and cb.module is self
-                   for cb in self.trainer.callbacks):  # type: ignore[attr-defined]  # set in Trainer.__init__
-            raise ValueError("the Trainer has no LearnerCallback for this LearnerModule: make both with "
-                             "module, callbacks = nntrain.adapters.to_lightning(learn) and pass "
-                             "callbacks=callbacks to the Trainer")
+        if not any(isinstance(cb, LearnerCallback) and cb.module is self for cb in self.trainer.callbacks):  # type: ignore[attr-defined]  # set in Trainer.__init__
+            raise ValueError(
+                "the Trainer has no LearnerCallback for this LearnerModule: make both with "
+                "module, callbacks = nntrain.adapters.to_lightning(learn) and pass "
+                "callbacks=callbacks to the Trainer"
+            )
 
     def configure_callbacks(self) -> list[Any]:
         """No callbacks; Lightning calls this before it checks its configuration, the one point
@@ -236,8 +250,12 @@ class LearnerModule(L.LightningModule):
 
             trainer = self.trainer
             refuse_not_resumable(getattr(trainer, "ckpt_path", None), checkpoint[CHECKPOINT_KEY])
-            self.learn.resume_plan = ResumePlan.read(getattr(trainer, "ckpt_path", None) or "", checkpoint,
-                                                     rank=trainer.global_rank, world_size=trainer.world_size)
+            self.learn.resume_plan = ResumePlan.read(
+                getattr(trainer, "ckpt_path", None) or "",
+                checkpoint,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+            )
             self.epoch_offset = self.learn.resume_plan.epoch_offset
 
     def agree_on_resume(self) -> None:
@@ -260,7 +278,8 @@ class LearnerModule(L.LightningModule):
         raise ValueError(
             f"the ranks of this DDP fit would resume from different checkpoints ({seen}). Every rank must "
             "read the same checkpoint: keep the checkpoint directory on a filesystem all nodes share "
-            "(or copy the file to the same path on each node), then resume again")
+            "(or copy the file to the same path on each node), then resume again"
+        )
 
     def check_resumable_loader(self, plan: ResumePlan) -> None:
         """Lightning continues the checkpoint's epoch after its last trained batch; make sure the
@@ -275,7 +294,8 @@ class LearnerModule(L.LightningModule):
                 f"checkpoint {plan.path} was taken inside epoch {plan.epoch} after training batch {plan.iter}, but "
                 f"the loader position it holds would skip {skip} batches, not {inside}: it was saved in the "
                 "middle of a batch (trainer.save_checkpoint from a hook?). Resume from a checkpoint saved between "
-                "batches (CheckpointS, ModelCheckpoint, OnExceptionCheckpoint)")
+                "batches (CheckpointS, ModelCheckpoint, OnExceptionCheckpoint)"
+            )
 
     # ----- loaders and modes ------------------------------------------------------------------
 

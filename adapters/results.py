@@ -16,8 +16,13 @@ def save_results(learn: Any, path: str) -> None:
     """What a fit leaves in the learner besides the weights (the learner state and the optimizer
     state), written by rank 0 of processes Lightning started, for `load_results` in the caller."""
     opt = learn.opt
-    torch.save({"state": capture(learn, learn.epoch, None),
-                "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None}, path)
+    torch.save(
+        {
+            "state": capture(learn, learn.epoch, None),
+            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None,
+        },
+        path,
+    )
 
 
 def load_results(learn: Any, path: str) -> None:

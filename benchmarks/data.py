@@ -23,9 +23,17 @@ import datasets
 import torch
 
 from benchmarks import data_scale
-from benchmarks.common import (base_parser, env_info, markdown_table, median, report, setup_device, spread,
-                               sync, target_line)
-
+from benchmarks.common import (
+    base_parser,
+    env_info,
+    markdown_table,
+    median,
+    report,
+    setup_device,
+    spread,
+    sync,
+    target_line,
+)
 from nntrain.data import BatchLoader, DataLoaders, digits_dataset_dict, pre_batched_collate
 
 SEED = 0

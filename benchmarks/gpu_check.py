@@ -80,7 +80,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DEFAULT_OUT as RESULTS, env_info, markdown_table, target_line, write_outputs
+from benchmarks.common import DEFAULT_OUT as RESULTS
+from benchmarks.common import env_info, markdown_table, target_line, write_outputs
 
 __all__ = ["Stage", "SyncLog", "prepare_imports", "run_deps", "nosync_check", "fast_path_rows", "run_cuda_tests",
            "targets", "main"]

@@ -41,8 +41,19 @@ from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
 import nntrain.adapters
-from benchmarks.common import (base_parser, clock, env_info, markdown_table, median, report, setup_device, since,
-                               spread, sync, target_line)
+from benchmarks.common import (
+    base_parser,
+    clock,
+    env_info,
+    markdown_table,
+    median,
+    report,
+    setup_device,
+    since,
+    spread,
+    sync,
+    target_line,
+)
 from nntrain import EarlyStoppingS, GradAccumS, GradClipS, MixedPrecisionS, OneCycle, SaveBestS, SchedulerS
 from nntrain.learner import Learner, Subscriber
 from nntrain.logs import quiet_loggers

@@ -56,8 +56,9 @@ class GradScaling:
         self._params: list[torch.Tensor] = []
         self._kept: list[torch.Tensor | None] = []
 
-    def backward(self, params: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], None],
-                 loss: torch.Tensor) -> None:
+    def backward(
+        self, params: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], None], loss: torch.Tensor
+    ) -> None:
         """`backward(scaled loss)`, leaving unscaled gradients (new plus kept) in `params`."""
         params = list(params)
         kept = [p.grad for p in params]

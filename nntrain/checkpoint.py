@@ -43,6 +43,7 @@ the native engine, `.ckpt` (Lightning checkpoints) from the Lightning engine."""
 
 SUFFIXES = (".pt", ".ckpt")
 
+
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used: unreadable, truncated, incomplete or for another model."""
 
@@ -57,6 +58,7 @@ def checkpoint_name(global_step: int, epoch: int, iter_: int | None, suffix: str
     pos = "end" if iter_ is None else f"b{iter_:07d}"
     return f"ckpt-s{global_step:010d}-e{epoch:06d}-{pos}{suffix}"
 
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -67,8 +69,10 @@ def _fsync_dir(directory: Path) -> None:
     finally:
         os.close(fd)
 
+
 TEMPORARY_PATTERN = ".ckpt-*.tmp"
 """Glob of the temporary files `atomic_write` makes for checkpoints (a SIGKILL mid-write leaves one)."""
+
 
 def _exclusive_temporary(path: Path) -> Path:
     """A new empty file next to `path` with an unpredictable name, created exclusively and never
@@ -82,12 +86,15 @@ def _exclusive_temporary(path: Path) -> Path:
         except FileExistsError:
             continue
 
+
 @contextlib.contextmanager
 def sigint_deferred() -> Any:
     """Hold a Ctrl-C that lands inside the block until the block ends, then raise it (in the main
     thread, where Python delivers SIGINT; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     received: list[Any] = []
@@ -99,6 +106,7 @@ def sigint_deferred() -> Any:
     if received:
         raise KeyboardInterrupt
 
+
 def _write_failed(path: Path, exc: Exception) -> CheckpointError:
     """The error for a failed write of `path`, saying so when the disk is full."""
     try:
@@ -106,9 +114,13 @@ def _write_failed(path: Path, exc: Exception) -> CheckpointError:
     except OSError:
         free = None
     full = getattr(exc, "errno", None) == 28 or (free is not None and free < (64 << 20))
-    note = f"; the disk holding {path.parent} is full ({free} bytes free): free space or checkpoint " \
-           f"elsewhere" if full else ""
+    note = (
+        f"; the disk holding {path.parent} is full ({free} bytes free): free space or checkpoint elsewhere"
+        if full
+        else ""
+    )
     return CheckpointError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc}{note}")
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], commit: bool = True) -> Path:
     """Make the file at `path` appear whole or not at all: `write(tmp)` writes a temporary file
@@ -143,6 +155,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], commit:
         _fsync_dir(path.parent)
     return path
 
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed writer left in `directory` (call it holding the
     directory's `DirectoryLock`, so no write is in progress); return them."""
@@ -152,13 +165,14 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         path.unlink(missing_ok=True)
     return stale
 
+
 def remove_stale_temporaries_of(path: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that writers of `path` (`atomic_write`, e.g. `SaveBestS`'s
     best-weights file) left when they were killed: those of processes no longer running."""
     path = Path(path)
     stale = []
     for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []:
-        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        pid = tmp.name[len(path.name) + 2 :].split(".")[0]
         if pid.isdigit() and not _running(int(pid)):
             tmp.unlink(missing_ok=True)
             stale.append(tmp)
@@ -206,9 +220,11 @@ class DirectoryLock:
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(f"another fit is writing checkpoints to {self.path.parent} (it holds {self.path}, "
-                               f"pid {holder}): give this CheckpointS another directory, or wait for that fit "
-                               f"to end") from None
+            raise RuntimeError(
+                f"another fit is writing checkpoints to {self.path.parent} (it holds {self.path}, "
+                f"pid {holder}): give this CheckpointS another directory, or wait for that fit "
+                f"to end"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
@@ -219,9 +235,11 @@ class DirectoryLock:
             os.close(self._fd)
             self._fd = None
 
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `state` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """The checkpoint files in `directory`, oldest first (by name, which sorts in training order)."""
@@ -229,6 +247,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(PATTERN) if p.suffix in SUFFIXES)
+
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints in `directory`; return the deleted paths."""
@@ -244,11 +263,14 @@ def _load_failure(exc: Exception) -> str:
     unpickle arbitrary objects, which nntrain never does)."""
     text = str(exc)
     if "Unsupported global" in text:
-        return ("it holds Python objects other than tensors and plain values, which nntrain does not unpickle "
-                "(a file from another program, or one nntrain did not write)")
+        return (
+            "it holds Python objects other than tensors and plain values, which nntrain does not unpickle "
+            "(a file from another program, or one nntrain did not write)"
+        )
     detail = "" if "weights_only" in text or not text else f": {text.splitlines()[0][:200]}"
-    return f"not a file torch.save wrote whole (corrupt, truncated, or another kind of file; {type(exc).__name__}" \
-           f"{detail})"
+    return (
+        f"not a file torch.save wrote whole (corrupt, truncated, or another kind of file; {type(exc).__name__}{detail})"
+    )
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

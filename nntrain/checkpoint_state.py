@@ -39,8 +39,7 @@ __all__ = [
     "hyperparameters",
 ]
 
-LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs",
-                                 "needed")
+LEARNER_KEYS: tuple[str, ...] = ("format", "grads", "global_step", "position", "rng", "epoch_rng", "subs", "needed")
 """The learner state a checkpoint holds besides the weights and optimizer: the whole of a
 Lightning checkpoint's `"nntrain"` entry, and with `"model"` and `"optimizer"` a native checkpoint.
 
@@ -81,6 +80,7 @@ def is_lightning_checkpoint(state: dict[str, Any]) -> bool:
     """Whether `state` (a loaded checkpoint) is a Lightning checkpoint rather than a native one."""
     return "pytorch-lightning_version" in state or "state_dict" in state
 
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint: a native one, or a Lightning one written while training a
     `LearnerModule` (tensors and plain values only: `weights_only=True`).
@@ -95,8 +95,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         if CHECKPOINT_ENTRY in state:
             missing += [f"nntrain.{k}" for k in LEARNER_KEYS if k not in state[CHECKPOINT_ENTRY] and k != "needed"]
         if missing:
-            raise CheckpointError(f"Lightning checkpoint {path} lacks nntrain's learner state (missing "
-                                  f"{missing}): was it written while training an nntrain learner?")
+            raise CheckpointError(
+                f"Lightning checkpoint {path} lacks nntrain's learner state (missing "
+                f"{missing}): was it written while training an nntrain learner?"
+            )
         _check_format(path, state[CHECKPOINT_ENTRY]["format"])
         return state
     missing = [k for k in REQUIRED_KEYS if k not in state and k != "needed"]
@@ -110,10 +112,14 @@ def _check_format(path: str | os.PathLike, version: Any) -> None:
     if version in _READS:
         return
     if isinstance(version, int) and version > FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {version}, written by a newer nntrain (this one reads "
-                              f"formats {', '.join(map(str, _READS))}): upgrade nntrain to resume it")
-    raise CheckpointError(f"checkpoint {path} has format {version!r}, which this nntrain cannot read (it reads "
-                          f"formats {', '.join(map(str, _READS))}): resume with the nntrain version that wrote it")
+        raise CheckpointError(
+            f"checkpoint {path} has format {version}, written by a newer nntrain (this one reads "
+            f"formats {', '.join(map(str, _READS))}): upgrade nntrain to resume it"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} has format {version!r}, which this nntrain cannot read (it reads "
+        f"formats {', '.join(map(str, _READS))}): resume with the nntrain version that wrote it"
+    )
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
@@ -153,9 +159,11 @@ def find_checkpoint(learn: Any, resume: str | os.PathLike) -> tuple[Path, dict[s
         found = latest_checkpoint(dirs[0])
         files = list_checkpoints(dirs[0])
         if found is None and files:  # not a fresh start: this run's files, none of them usable
-            raise CheckpointError(f'resume="last": none of the {len(files)} checkpoints in {dirs[0]} loads (newest '
-                                  f'{files[-1].name}; the warnings above say why): resume from a path you trust, '
-                                  f'or move them away to start afresh')
+            raise CheckpointError(
+                f'resume="last": none of the {len(files)} checkpoints in {dirs[0]} loads (newest '
+                f"{files[-1].name}; the warnings above say why): resume from a path you trust, "
+                f"or move them away to start afresh"
+            )
         return found
     if os.path.isdir(resume):
         found = latest_checkpoint(resume)
@@ -164,14 +172,19 @@ def find_checkpoint(learn: Any, resume: str | os.PathLike) -> tuple[Path, dict[s
         return found
     return Path(resume), load_checkpoint(resume)
 
+
 def model_mismatch(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
     """Human-readable differences between `model`'s state dict and `saved` (empty when they match)."""
     own = model.state_dict()
     problems = [f"missing in checkpoint: {k}" for k in own if k not in saved]
     problems += [f"not in model: {k}" for k in saved if k not in own]
-    problems += [f"shape of {k}: model {tuple(own[k].shape)}, checkpoint {tuple(saved[k].shape)}"
-                 for k in own if k in saved and hasattr(saved[k], "shape") and own[k].shape != saved[k].shape]
+    problems += [
+        f"shape of {k}: model {tuple(own[k].shape)}, checkpoint {tuple(saved[k].shape)}"
+        for k in own
+        if k in saved and hasattr(saved[k], "shape") and own[k].shape != saved[k].shape
+    ]
     return problems
+
 
 def check_model(learn: Any, path: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
     """Raise a `CheckpointError` listing the keys and shapes in which `weights` (from the file at
@@ -180,7 +193,9 @@ def check_model(learn: Any, path: str | os.PathLike, weights: dict[str, torch.Te
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
 
+
 _GROUP_KEYS_IGNORED = frozenset(("params", "initial_lr", "lr"))
+
 
 def check_optimizer(learn: Any, path: str | os.PathLike, saved: dict[str, Any] | None) -> None:
     """Raise a `CheckpointError` when the optimizer state saved at `path` cannot go into
@@ -192,30 +207,39 @@ def check_optimizer(learn: Any, path: str | os.PathLike, saved: dict[str, Any] |
         return
     name = type(opt).__name__
     if not hasattr(opt, "load_state_dict"):
-        raise CheckpointError(f"checkpoint {path} holds an optimizer state, but this learner's optimizer ({name}) "
-                              f"has no load_state_dict: resume with the optimizer class it was saved with")
+        raise CheckpointError(
+            f"checkpoint {path} holds an optimizer state, but this learner's optimizer ({name}) "
+            f"has no load_state_dict: resume with the optimizer class it was saved with"
+        )
     groups, own = saved.get("param_groups", []), getattr(opt, "param_groups", None)
     if own is None:
         return
     if len(groups) != len(own):
-        raise CheckpointError(f"checkpoint {path} has an optimizer state with {len(groups)} param groups, this "
-                              f"learner's {name} has {len(own)}")
+        raise CheckpointError(
+            f"checkpoint {path} has an optimizer state with {len(groups)} param groups, this "
+            f"learner's {name} has {len(own)}"
+        )
     for saved_group, group in zip(groups, own):
         a, b = set(saved_group) - _GROUP_KEYS_IGNORED, set(group) - _GROUP_KEYS_IGNORED
         if a != b:
             raise CheckpointError(
                 f"checkpoint {path} holds the state of another optimizer (its param groups have "
                 f"{', '.join(sorted(a - b)) or 'fewer keys'}; this learner's {name} has "
-                f"{', '.join(sorted(b - a)) or 'fewer keys'}): resume with the optimizer class it was saved with")
+                f"{', '.join(sorted(b - a)) or 'fewer keys'}): resume with the optimizer class it was saved with"
+            )
         if len(saved_group["params"]) != len(group["params"]):
-            raise CheckpointError(f"checkpoint {path} has an optimizer state for {len(saved_group['params'])} "
-                                  f"parameters in a group, this learner's {name} has {len(group['params'])}")
+            raise CheckpointError(
+                f"checkpoint {path} has an optimizer state for {len(saved_group['params'])} "
+                f"parameters in a group, this learner's {name} has {len(group['params'])}"
+            )
+
 
 def set_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> None:
     """Set each parameter's `.grad` to a copy of `grads` (in `model.parameters()` order)."""
     with torch.no_grad():
         for p, g in zip(model.parameters(), grads):
             p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+
 
 def state_keys(subs: list[Any]) -> list[str]:
     """Each subscriber's key in a checkpoint's `subs`: its `state_key` (default: its class name),
@@ -245,8 +269,9 @@ def needed_keys(subs: list[Any]) -> list[str]:
     return [key for key, sub in zip(state_keys(subs), subs) if declared(sub, "needed_on_resume")]
 
 
-def load_subscriber_states(subs: list[Any], states: dict[str, Any], needed: list[str] | tuple[str, ...] = ()
-                           ) -> list[str]:
+def load_subscriber_states(
+    subs: list[Any], states: dict[str, Any], needed: list[str] | tuple[str, ...] = ()
+) -> list[str]:
     """Give each subscriber its state from `subscriber_states` (by `state_key`); return the keys of
     saved states that no subscriber took (a non-empty state that is dropped is warned about).
 
@@ -261,7 +286,8 @@ def load_subscriber_states(subs: list[Any], states: dict[str, Any], needed: list
             f"the run was saved with {', '.join(missing)}, and this fit has no such subscriber to continue "
             f"{'its' if len(missing) == 1 else 'their'} state (attached: {', '.join(keys) or 'none'}): without "
             f"it the resumed run trains differently. Attach it as it was saved (the same class, or the same "
-            f"state_key), or start from the weights alone: learn.load(path) and fit without resume=")
+            f"state_key), or start from the weights alone: learn.load(path) and fit without resume="
+        )
     for key, sub in zip(keys, subs):
         if key not in states:
             continue
@@ -270,18 +296,30 @@ def load_subscriber_states(subs: list[Any], states: dict[str, Any], needed: list
         except ResumeRefused:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise CheckpointError(f"the saved state of {key} does not fit this {type(sub).__qualname__} "
-                                  f"({type(exc).__name__}: {exc}): was it saved by another version of it, or with "
-                                  f"other arguments?") from exc
+            raise CheckpointError(
+                f"the saved state of {key} does not fit this {type(sub).__qualname__} "
+                f"({type(exc).__name__}: {exc}): was it saved by another version of it, or with "
+                f"other arguments?"
+            ) from exc
     dropped = [key for key, state in states.items() if key not in keys and state]
     if dropped:
-        warnings.warn(f"the checkpoint holds the state of {', '.join(dropped)}, which no attached subscriber takes "
-                      f"(attached: {', '.join(keys) or 'none'}): that state is dropped", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"the checkpoint holds the state of {', '.join(dropped)}, which no attached subscriber takes "
+            f"(attached: {', '.join(keys) or 'none'}): that state is dropped",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return dropped
 
 
-def capture(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, subs: dict | None = None,
-            epoch_rng: dict | None = None) -> dict[str, Any]:
+def capture(
+    learn: Any,
+    epoch: int,
+    iter_: int | None,
+    rng: dict | None = None,
+    subs: dict | None = None,
+    epoch_rng: dict | None = None,
+) -> dict[str, Any]:
     """The learner state of `LEARNER_KEYS` at position (`epoch`, `iter_`): the last trained batch
     `iter_` of `epoch`, or None at the epoch's end; `rng` and `subs` default to now."""
     return {
@@ -295,13 +333,17 @@ def capture(learn: Any, epoch: int, iter_: int | None, rng: dict | None = None, 
         "needed": needed_keys(learn.dispatch.subs),
     }
 
+
 def native_checkpoint(learn: Any, state: dict[str, Any]) -> dict[str, Any]:
     """A native checkpoint: the model's and optimizer's state dicts plus the learner `state`, and
     how the run was made (`hyper_parameters`, as in Lightning's checkpoints)."""
     opt = learn.opt
-    return {"model": learn.model.state_dict(),
-            "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None, **state,
-            "hyper_parameters": hyperparameters(learn)}
+    return {
+        "model": learn.model.state_dict(),
+        "optimizer": opt.state_dict() if hasattr(opt, "state_dict") else None,
+        **state,
+        "hyper_parameters": hyperparameters(learn),
+    }
 
 
 def hyperparameters(learn: Any, opt: Any = None) -> dict[str, Any]:

@@ -48,8 +48,9 @@ def _check_loss(loss: Any) -> None:
         return
     what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
     hint = " (reduce it: reduction='mean')" if isinstance(loss, torch.Tensor) else " (compute it with torch ops)"
-    raise TypeError(f"loss_fn must return a 0-dim tensor (one number that backward can differentiate), "
-                    f"it returned {what}{hint}")
+    raise TypeError(
+        f"loss_fn must return a 0-dim tensor (one number that backward can differentiate), it returned {what}{hint}"
+    )
 
 
 def _devices(x: Any) -> set[torch.device]:
@@ -76,12 +77,21 @@ def _note_model_failure(exc: BaseException, inputs: Any, training: bool, model: 
     input_devices = _devices(inputs)
     if model_devices and input_devices and model_devices != input_devices:
         names = lambda ds: ", ".join(sorted(map(str, ds)))  # noqa: E731
-        exc.add_note(f"the model is on {names(model_devices)} and the inputs on {names(input_devices)}: let the "
-                     f"learner place both (Learner(..., device='auto'), the default) or attach DeviceS(device)")
-    if training and isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == 1 and \
-            "more than 1 value per channel" in str(exc):
-        exc.add_note("the training batch has 1 sample (the epoch's last, smaller batch?): BatchNorm cannot train "
-                     "on it; drop it with drop_last=True on the training loader")
+        exc.add_note(
+            f"the model is on {names(model_devices)} and the inputs on {names(input_devices)}: let the "
+            f"learner place both (Learner(..., device='auto'), the default) or attach DeviceS(device)"
+        )
+    if (
+        training
+        and isinstance(inputs, torch.Tensor)
+        and inputs.ndim
+        and inputs.shape[0] == 1
+        and "more than 1 value per channel" in str(exc)
+    ):
+        exc.add_note(
+            "the training batch has 1 sample (the epoch's last, smaller batch?): BatchNorm cannot train "
+            "on it; drop it with drop_last=True on the training loader"
+        )
 
 
 def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
@@ -91,9 +101,11 @@ def _note_shapes(exc: BaseException, preds: Any, targets: Any) -> None:
         exc.add_note(f"loss_fn(preds, targets) failed: preds shape {shape(preds)}, targets shape {shape(targets)}")
         devices = _devices(preds) | _devices(targets)
         if len(devices) > 1:
-            exc.add_note(f"preds are on {', '.join(map(str, _devices(preds)))} and targets on "
-                         f"{', '.join(map(str, _devices(targets)))}: put both on one device (DeviceS moves "
-                         f"whole batches)")
+            exc.add_note(
+                f"preds are on {', '.join(map(str, _devices(preds)))} and targets on "
+                f"{', '.join(map(str, _devices(targets)))}: put both on one device (DeviceS moves "
+                f"whole batches)"
+            )
 
 
 TARGET_KEYS: tuple[str, ...] = ("labels", "label")
@@ -116,21 +128,32 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     elif isinstance(batch, Mapping):
         key = next((k for k in TARGET_KEYS if k in batch), None)
         return {k: v for k, v in batch.items() if k != key}, (None if key is None else batch[key])
-    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping "
-                    f"with the targets under 'labels'; got {_describe(batch)}")
+    raise TypeError(
+        f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping "
+        f"with the targets under 'labels'; got {_describe(batch)}"
+    )
 
 
 def check_batch_structure(exc: Exception | None, batch: Any, mode: str) -> None:
     """Raise a TypeError naming the expected `(inputs, targets)` when a batch is not one
     (`mode`: the pass, "train", "valid" or "test"; `exc`: the failure it caused, if any)."""
-    if batch is None or (isinstance(batch, (tuple, list)) and len(batch) >= 2) or \
-            (isinstance(batch, Mapping) and any(k in batch for k in TARGET_KEYS)):
+    if (
+        batch is None
+        or (isinstance(batch, (tuple, list)) and len(batch) >= 2)
+        or (isinstance(batch, Mapping) and any(k in batch for k in TARGET_KEYS))
+    ):
         return
     mode = {"train": "training", "valid": "validation"}.get(mode, mode)
-    mapping = f" (a mapping needs its targets under {' or '.join(repr(k) for k in TARGET_KEYS)}; its keys: " \
-              f"{sorted(map(str, batch))})" if isinstance(batch, Mapping) else ""
-    raise TypeError(f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping with "
-                    f"'labels'; the {mode} loader yielded {_describe(batch)}{mapping}") from exc
+    mapping = (
+        f" (a mapping needs its targets under {' or '.join(repr(k) for k in TARGET_KEYS)}; its keys: "
+        f"{sorted(map(str, batch))})"
+        if isinstance(batch, Mapping)
+        else ""
+    )
+    raise TypeError(
+        f"a batch must be a pair (inputs, targets) (a tuple or list of at least 2) or a mapping with "
+        f"'labels'; the {mode} loader yielded {_describe(batch)}{mapping}"
+    ) from exc
 
 
 def check_fit_args(lr: Any, resume: Any) -> None:
@@ -142,8 +165,9 @@ def check_fit_args(lr: Any, resume: Any) -> None:
     """
     if lr is not None:
         check_lr_range(lr)
-    if resume is not None and (isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike))
-                               or str(resume) == ""):
+    if resume is not None and (
+        isinstance(resume, bool) or not isinstance(resume, (str, os.PathLike)) or str(resume) == ""
+    ):
         raise TypeError(f'resume must be a checkpoint file, a directory or "last", got {resume!r}')
 
 
@@ -158,8 +182,11 @@ def _empty_valid(dl: Any) -> bool:
     Lightning skips an empty loader)."""
     if loader_length(dl) != 0:
         return False
-    warnings.warn("the validation loader is empty (len(dls.valid) == 0): the fit runs no validation pass",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "the validation loader is empty (len(dls.valid) == 0): the fit runs no validation pass",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return True
 
 
@@ -179,16 +206,22 @@ def check_loaders(dls: Any, model: Any = None, mapping_targets: bool = True) -> 
     splits batches the default way) a loader whose first item is a mapping without targets."""
     for name, dl in (("train", dls.train), ("valid", dls.valid)):
         if (dl is None and name == "train") or (dl is not None and not hasattr(dl, "__iter__")):
-            raise TypeError(f"dls.{name} is {'None' if dl is None else 'a ' + type(dl).__name__}, not a loader: "
-                            f"give a DataLoader (or anything iterable again each epoch) of (inputs, targets)")
+            raise TypeError(
+                f"dls.{name} is {'None' if dl is None else 'a ' + type(dl).__name__}, not a loader: "
+                f"give a DataLoader (or anything iterable again each epoch) of (inputs, targets)"
+            )
     if loader_length(dls.train) == 0:
-        raise ValueError("the training loader is empty (len(dls.train) == 0): check the dataset and that "
-                         "batch_size is not larger than the dataset with drop_last=True")
+        raise ValueError(
+            "the training loader is empty (len(dls.train) == 0): check the dataset and that "
+            "batch_size is not larger than the dataset with drop_last=True"
+        )
     for name, dl in (("train", dls.train), ("valid", dls.valid)):
         if isinstance(dl, Iterator):  # a generator or iterator: used up after one pass
-            raise TypeError(f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
-                            f"pass and the next epochs would train on nothing; give a DataLoader or another "
-                            f"object that can be iterated again")
+            raise TypeError(
+                f"dls.{name} is an iterator ({type(dl).__name__}): it would be used up after one "
+                f"pass and the next epochs would train on nothing; give a DataLoader or another "
+                f"object that can be iterated again"
+            )
     if mapping_targets:
         for mode, dl in (("train", dls.train), ("valid", dls.valid)):
             _check_first_item(dl, mode)
@@ -220,11 +253,17 @@ def _check_single_sample_tail(model: Any, dl: Any) -> None:
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
     bs, dataset = getattr(dl, "batch_size", None), getattr(dl, "dataset", None)
-    if not isinstance(bs, int) or getattr(dl, "drop_last", True) or not isinstance(
-            getattr(dl, "sampler", None), (RandomSampler, SequentialSampler)) or not hasattr(dataset, "__len__"):
+    if (
+        not isinstance(bs, int)
+        or getattr(dl, "drop_last", True)
+        or not isinstance(getattr(dl, "sampler", None), (RandomSampler, SequentialSampler))
+        or not hasattr(dataset, "__len__")
+    ):
         return
     n = len(dataset)  # type: ignore[arg-type]  # has __len__: checked above
     if n > 1 and n % bs == 1:
-        raise ValueError(f"the training loader's last batch holds 1 sample ({n} samples, batch_size {bs}) and the "
-                         f"model has BatchNorm, which cannot train on one sample: set drop_last=True on the "
-                         f"training loader, or another batch_size")
+        raise ValueError(
+            f"the training loader's last batch holds 1 sample ({n} samples, batch_size {bs}) and the "
+            f"model has BatchNorm, which cannot train on one sample: set drop_last=True on the "
+            f"training loader, or another batch_size"
+        )

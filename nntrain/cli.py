@@ -90,34 +90,70 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--epochs", type=_positive_int, default=5, help="number of epochs (default 5)")
     fit.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (default 0.1)")
     fit.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
-    fit.add_argument("--momentum", type=_momentum, default=0.0,
-                     help="> 0 trains with MomentumLearner(mom=MOMENTUM) (default 0: plain SGD)")
+    fit.add_argument(
+        "--momentum",
+        type=_momentum,
+        default=0.0,
+        help="> 0 trains with MomentumLearner(mom=MOMENTUM) (default 0: plain SGD)",
+    )
     fit.add_argument("--hidden", type=_positive_int, default=50, help="hidden units of the MLP (default 50)")
     fit.add_argument("--seed", type=_int, default=42, help="random seed (default 42)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    fit.add_argument("--dataset", default="digits",
-                     help="'digits' (embedded, default) or a Hugging Face dataset name with image+label columns")
-    fit.add_argument("--engine", choices=("native", "lightning"), default="native",
-                     help="run on nntrain's Learner or on lightning.Trainer (default native)")
+    fit.add_argument(
+        "--dataset",
+        default="digits",
+        help="'digits' (embedded, default) or a Hugging Face dataset name with image+label columns",
+    )
+    fit.add_argument(
+        "--engine",
+        choices=("native", "lightning"),
+        default="native",
+        help="run on nntrain's Learner or on lightning.Trainer (default native)",
+    )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar, plain rows")
-    fit.add_argument("--logdir", default="runs",
-                     help="TensorBoard root: the run goes to LOGDIR/<engine>-<time>/version_N (default runs/)")
-    fit.add_argument("--lr-find", action="store_true",
-                     help="run the LR finder first, print its suggestion and save lr_find.png in the run directory")
+    fit.add_argument(
+        "--logdir",
+        default="runs",
+        help="TensorBoard root: the run goes to LOGDIR/<engine>-<time>/version_N (default runs/)",
+    )
+    fit.add_argument(
+        "--lr-find",
+        action="store_true",
+        help="run the LR finder first, print its suggestion and save lr_find.png in the run directory",
+    )
     fit.add_argument("--plot", action="store_true", help="save the loss curves as losses.png in the run directory")
     recipe = fit.add_argument_group("training recipe (both engines)")
-    recipe.add_argument("--one-cycle", action="store_true",
-                        help="one-cycle lr schedule peaking at --lr (default off: constant lr)")
-    recipe.add_argument("--precision", choices=PRECISIONS, default="32",
-                        help="autocast to bf16, or to 16 with loss scaling (default 32: off)")
-    recipe.add_argument("--clip", type=_positive_float, metavar="MAX_NORM",
-                        help="clip the gradients' total norm to MAX_NORM (default off)")
-    recipe.add_argument("--accumulate", type=_positive_int, default=1, metavar="N",
-                        help="one optimizer step every N batches (default 1)")
-    recipe.add_argument("--early-stop", type=_positive_int, metavar="PATIENCE",
-                        help="stop after PATIENCE epochs without a lower valid/loss (default off)")
-    recipe.add_argument("--save-best", metavar="PATH",
-                        help=f"keep the weights of the best epoch by {BEST_METRIC} in PATH (default off)")
+    recipe.add_argument(
+        "--one-cycle", action="store_true", help="one-cycle lr schedule peaking at --lr (default off: constant lr)"
+    )
+    recipe.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="32",
+        help="autocast to bf16, or to 16 with loss scaling (default 32: off)",
+    )
+    recipe.add_argument(
+        "--clip",
+        type=_positive_float,
+        metavar="MAX_NORM",
+        help="clip the gradients' total norm to MAX_NORM (default off)",
+    )
+    recipe.add_argument(
+        "--accumulate",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="one optimizer step every N batches (default 1)",
+    )
+    recipe.add_argument(
+        "--early-stop",
+        type=_positive_int,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without a lower valid/loss (default off)",
+    )
+    recipe.add_argument(
+        "--save-best", metavar="PATH", help=f"keep the weights of the best epoch by {BEST_METRIC} in PATH (default off)"
+    )
     return parser
 
 
@@ -168,8 +204,10 @@ def _report_recipe(subs: Sequence[Any], epochs: int) -> None:
 
     for sub in subs:
         if isinstance(sub, EarlyStoppingS) and sub.stopped_epoch is not None and sub.stopped_epoch + 1 < epochs:
-            print(f"early stop: after epoch {sub.stopped_epoch} ({sub.monitor} did not improve for "
-                  f"{sub.wait} epoch{'s' if sub.wait != 1 else ''})")
+            print(
+                f"early stop: after epoch {sub.stopped_epoch} ({sub.monitor} did not improve for "
+                f"{sub.wait} epoch{'s' if sub.wait != 1 else ''})"
+            )
         if isinstance(sub, SaveBestS):
             if sub.best_path is None:
                 print(f"best weights: none saved ({sub.monitor} was never finite)")
@@ -240,22 +278,30 @@ def run_fit(args: argparse.Namespace) -> int:
         learn = MomentumLearner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs, mom=args.momentum)
     else:
         learn = Learner(model, dls, F.cross_entropy, torch.optim.SGD, args.lr, subs)
-    print(f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "  # type: ignore[arg-type]
-          f"{type(learn).__name__}, engine={args.engine}, device={device}")
+    print(
+        f"nntrain fit: {args.dataset}, {len(dls.train.dataset)} train / {len(dls.valid.dataset)} valid samples, "  # type: ignore[arg-type]
+        f"{type(learn).__name__}, engine={args.engine}, device={device}"
+    )
     run_name = f"{args.engine}-{time.strftime('%Y%m%d-%H%M%S')}"
     tensorboard = TensorBoardS(args.logdir, run_name)
     # Attached for the training fit only, so the LR finder's search prints no rows and logs nothing.
     recipe = _recipe_subs(args)
-    fit_subs = [MetricsS(accuracy=MulticlassAccuracy()), tensorboard, *([progress] if progress is not None else []),
-                *recipe]
+    fit_subs = [
+        MetricsS(accuracy=MulticlassAccuracy()),
+        tensorboard,
+        *([progress] if progress is not None else []),
+        *recipe,
+    ]
     finder = None
     try:
         if args.lr_find:
             finder = learn.lr_find(engine=args.engine)
-            others = ", ".join(f"{name} {lr:.2e}" for name, lr in finder.suggestions.items()
-                               if name != "valley" and lr is not None)
-            print(f"lr finder: suggested lr {finder.suggestion():.2e} (valley; {others}; this run uses "
-                  f"--lr {args.lr:g})")
+            others = ", ".join(
+                f"{name} {lr:.2e}" for name, lr in finder.suggestions.items() if name != "valley" and lr is not None
+            )
+            print(
+                f"lr finder: suggested lr {finder.suggestion():.2e} (valley; {others}; this run uses --lr {args.lr:g})"
+            )
         # Under Lightning the bridge gives the Trainer a TensorBoardLogger at the TensorBoardS's place.
         if args.one_cycle:
             learn.fit_one_cycle(args.epochs, lr_max=args.lr, engine=args.engine, subs=fit_subs)
@@ -286,7 +332,8 @@ def _is_interrupt(exc: BaseException) -> bool:
     """Whether `exc` is Ctrl-C, as the native loop raises it or as Lightning ends it: Lightning's Trainer
     catches the KeyboardInterrupt, runs its teardown and calls `sys.exit(1)` inside that handler."""
     return isinstance(exc, KeyboardInterrupt) or (
-        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt))
+        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+    )
 
 
 def _stopped_at(epoch: int, epochs: int, tensorboard: Any, recipe: Sequence[Any]) -> str:
@@ -296,8 +343,11 @@ def _stopped_at(epoch: int, epochs: int, tensorboard: Any, recipe: Sequence[Any]
     if tensorboard.log_dir is None:  # the fit had not started: LR finder, or before its first event
         return "before training"
     parts = [f"in epoch {epoch} ({epoch} of {epochs} epochs finished)", f"TensorBoard run: {tensorboard.log_dir}"]
-    parts += [f"best weights: {sub.best_path} (epoch {sub.best_epoch})"
-              for sub in recipe if isinstance(sub, SaveBestS) and sub.best_path is not None]
+    parts += [
+        f"best weights: {sub.best_path} (epoch {sub.best_epoch})"
+        for sub in recipe
+        if isinstance(sub, SaveBestS) and sub.best_path is not None
+    ]
     return "; ".join(parts)
 
 

@@ -124,8 +124,10 @@ def _hub_unreachable(timeout: float = 1.5) -> str | None:
     if outcome == [None]:
         return None
     why = f"no answer within {timeout:g} s" if not outcome or isinstance(outcome[0], TimeoutError) else outcome[0]
-    return (f"cannot connect to {'the hub' if via is hub else 'the proxy'} {address[0]}:{address[1]} "
-            f"({why}; HF_HUB_OFFLINE=1 loads a cached copy)")
+    return (
+        f"cannot connect to {'the hub' if via is hub else 'the proxy'} {address[0]}:{address[1]} "
+        f"({why}; HF_HUB_OFFLINE=1 loads a cached copy)"
+    )
 
 
 def load_dataset_dict(name: str) -> datasets.DatasetDict:
@@ -145,10 +147,13 @@ def load_dataset_dict(name: str) -> datasets.DatasetDict:
 
     def failed(reason: str) -> RuntimeError:
         return RuntimeError(
-            f"could not load dataset {name!r} from the hub: {reason}; use --dataset digits for the embedded data")
+            f"could not load dataset {name!r} from the hub: {reason}; use --dataset digits for the embedded data"
+        )
 
-    offline = any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
-                  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(
+        os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
     reason = None if offline or os.path.exists(name) else _hub_unreachable()
     if reason is not None:
         raise failed(reason)

@@ -44,8 +44,11 @@ def _check_rows(dd: Any, names: Sequence[str], cols: Sequence[str]) -> None:
         features = dd[name].features
         missing = [c for c in cols if features is not None and c not in features]
         if missing:
-            raise ValueError(f"column {missing[0]!r} is in the train split but not in split {name!r}"
-                             if name != names[0] else f"split {name!r} lacks the columns {missing}")
+            raise ValueError(
+                f"column {missing[0]!r} is in the train split but not in split {name!r}"
+                if name != names[0]
+                else f"split {name!r} lacks the columns {missing}"
+            )
         if hasattr(dd[name], "__len__") and len(dd[name]) == 0:
             raise ValueError(f"split {name!r} of the DatasetDict is empty: it needs at least one row")
 
@@ -80,20 +83,43 @@ class DataLoaders:
                 return f"{len(dl.dataset)} samples"
             except TypeError:
                 return "a stream"
+
         return f"DataLoaders(train={size(self.train)}, valid={size(self.valid)})"
 
     @classmethod
-    def _loaders(cls, train_ds: Dataset, valid_ds: Dataset, batch_size: int | None, opts: _LoaderOptions,
-                 finish: Any = None, collate_fn: Any = pre_batched_collate) -> DataLoaders:
+    def _loaders(
+        cls,
+        train_ds: Dataset,
+        valid_ds: Dataset,
+        batch_size: int | None,
+        opts: _LoaderOptions,
+        finish: Any = None,
+        collate_fn: Any = pre_batched_collate,
+    ) -> DataLoaders:
         """A `ResumableDataLoader` for training and a `BatchLoader` for validation (never shuffled,
         last batch kept), both finishing batches with `finish`; `batch_size` None: the datasets
         yield batches (streams), and shuffling is theirs."""
-        sampling: dict[str, Any] = {} if batch_size is None else dict(
-            shuffle=opts.shuffle, drop_last=opts.drop_last, generator=opts.generator)
-        train = ResumableDataLoader(train_ds, batch_size=batch_size, num_workers=opts.num_workers,
-                                    collate_fn=collate_fn, pin_memory=opts.pin_memory, finish=finish, **sampling)
-        valid = BatchLoader(valid_ds, batch_size=batch_size, shuffle=False, num_workers=opts.num_workers,
-                            collate_fn=collate_fn, pin_memory=opts.pin_memory, finish=finish)
+        sampling: dict[str, Any] = (
+            {} if batch_size is None else dict(shuffle=opts.shuffle, drop_last=opts.drop_last, generator=opts.generator)
+        )
+        train = ResumableDataLoader(
+            train_ds,
+            batch_size=batch_size,
+            num_workers=opts.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=opts.pin_memory,
+            finish=finish,
+            **sampling,
+        )
+        valid = BatchLoader(
+            valid_ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=opts.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=opts.pin_memory,
+            finish=finish,
+        )
         return cls(train, valid)
 
     @classmethod
@@ -176,15 +202,24 @@ class DataLoaders:
         streaming = isinstance(dd[train_name], hf.IterableDataset)
         features = dd[train_name].features
         if features is None:
-            raise ValueError(f"split {train_name!r} does not declare its features: give the stream its features "
-                             f"(ds.cast(datasets.Features(...)))")
+            raise ValueError(
+                f"split {train_name!r} does not declare its features: give the stream its features "
+                f"(ds.cast(datasets.Features(...)))"
+            )
         opts = _LoaderOptions(shuffle, num_workers, drop_last, generator, _pin(device))
         spec = ImageSpec(size=as_size(size), resize=resize)  # checks size and resize up front
 
         def stream(name: str, ds: Any, make_batch: Any) -> StreamBatches:
             train = name == train_name
-            return StreamBatches(ds, batch_size, make_batch, shuffle=shuffle and train, buffer_size=shuffle_buffer,
-                                 drop_last=drop_last and train, generator=generator)
+            return StreamBatches(
+                ds,
+                batch_size,
+                make_batch,
+                shuffle=shuffle and train,
+                buffer_size=shuffle_buffer,
+                drop_last=drop_last and train,
+                generator=generator,
+            )
 
         token_cols = token_columns(features, x_col)
         if token_cols:
@@ -217,7 +252,18 @@ class DataLoaders:
             check_same_shape(first[0], first[1], train_name, valid_name)
             collate_fn = partial(hf_ds_collate_fn, flatten=flatten, size=spec.size, resize=resize, mode=spec.mode)
             return cls._loaders(train_r, valid_r, batch_size, replace(opts, pin_memory=False), collate_fn=collate_fn)
-        train_i, valid_i = (image_dataset(dd[n], image_col, _labels(dd[n], label_col), spec, flatten=flatten,
-                                          in_memory=in_memory, cache=cache, workers=decode_workers) for n in names)
+        train_i, valid_i = (
+            image_dataset(
+                dd[n],
+                image_col,
+                _labels(dd[n], label_col),
+                spec,
+                flatten=flatten,
+                in_memory=in_memory,
+                cache=cache,
+                workers=decode_workers,
+            )
+            for n in names
+        )
         check_same_shape(train_i.image_shape, valid_i.image_shape, train_name, valid_name)
         return cls._loaders(train_i, valid_i, batch_size, opts, finish)

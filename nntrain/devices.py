@@ -31,8 +31,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', None, or a torch device or its name ('cpu', 'cuda', "
-                         f"'cuda:1', 'mps'), got {device!r}") from exc
+        raise ValueError(
+            f"device must be 'auto', None, or a torch device or its name ('cpu', 'cuda', "
+            f"'cuda:1', 'mps'), got {device!r}"
+        ) from exc
 
 
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -102,8 +104,11 @@ def default_placement(model: Any, device: torch.device | None, subs: Sequence[An
     already places the model (`role` "device placement"), `device` is None, `model` is no
     module (the engine refuses it), or model and device are both the CPU (nothing to move, and
     nothing added to the per-batch path)."""
-    if device is None or not isinstance(model, torch.nn.Module) or \
-            any(declared(s, "role") == "device placement" for s in subs):
+    if (
+        device is None
+        or not isinstance(model, torch.nn.Module)
+        or any(declared(s, "role") == "device placement" for s in subs)
+    ):
         return []
     if device.type == "cpu" and model_device(model).type == "cpu":
         return []

@@ -38,8 +38,12 @@ _SCOPE_OF: dict[type[CancelException], str] = {
     CancelBatchException: "batch",
 }
 _DEPTH = {"fit": 0, "epoch": 1, "batch": 2}
-_AGREED: tuple[type[CancelException], ...] = (CancelStepException, CancelBatchException, CancelEpochException,
-                                              CancelFitException)
+_AGREED: tuple[type[CancelException], ...] = (
+    CancelStepException,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+)
 """The cancels ranks agree on, narrowest first: code i + 1 (0: none); the widest raised wins."""
 
 
@@ -56,8 +60,11 @@ def _cancel_code(exc: CancelException | None) -> int:
 
 def _one_rank_events(handlers: Mapping[str, tuple[Callable[[Any], None], ...]]) -> frozenset[str]:
     """The events with a handler whose subscriber may cancel on one rank alone (`one_rank_cancels`)."""
-    return frozenset(event for event, hs in handlers.items()
-                     if any(declared(getattr(h, "__self__", h), "one_rank_cancels") for h in hs))
+    return frozenset(
+        event
+        for event, hs in handlers.items()
+        if any(declared(getattr(h, "__self__", h), "one_rank_cancels") for h in hs)
+    )
 
 
 def _name_source(exc: BaseException, handler: Callable[[Any], None], event: str) -> None:
@@ -71,8 +78,12 @@ def _name_source(exc: BaseException, handler: Callable[[Any], None], event: str)
 def _warn_masked(exc: BaseException, handler: Callable[[Any], None], event: str) -> None:
     """Warn about an error raised by a cleanup handler while an earlier error unwinds."""
     sub = getattr(handler, "__self__", handler)
-    warnings.warn(f"{type(sub).__name__}.{event} failed while an earlier error was unwinding the fit (that error "
-                  f"is raised): {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"{type(sub).__name__}.{event} failed while an earlier error was unwinding the fit (that error "
+        f"is raised): {type(exc).__name__}: {exc}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 class Dispatcher:

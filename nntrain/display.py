@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrai
 __all__ = ["notebook_figure", "figure_png"]
 
 
-
 # ----- figures that a notebook shows once --------------------------------------------------------
 
 
@@ -52,8 +51,10 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def _figure_bundle(fig: Figure, include: Any = None, exclude: Any = None) -> dict[str, str]:
-    return {"image/png": base64.b64encode(figure_png(fig)).decode("ascii"),
-            "text/plain": f"<{fig.get_label() or 'figure'}>"}
+    return {
+        "image/png": base64.b64encode(figure_png(fig)).decode("ascii"),
+        "text/plain": f"<{fig.get_label() or 'figure'}>",
+    }
 
 
 # ----- which display -----------------------------------------------------------------------------
@@ -88,8 +89,6 @@ def _cell(value: Any) -> str:
 
 def _final_line(done: int, total: int, seconds: float) -> str:
     return f"{done}/{total} epochs in {tqdm.format_interval(seconds)}"
-
-
 
 
 # ----- text and terminal -------------------------------------------------------------------------
@@ -217,8 +216,10 @@ class _Meter:
     def html(self) -> str:
         value = f' value="{self.n}" max="{self.total}"' if self.total else ""  # no total: indeterminate
         text = tqdm.format_meter(self.n, self.total, self.elapsed, ncols=0, prefix=self.desc, postfix=self.postfix)
-        return (f'<div><progress{value} style="width:300px;height:1em;vertical-align:middle"></progress> '
-                f'<span style="font-family:monospace">{html.escape(text)}</span></div>')
+        return (
+            f'<div><progress{value} style="width:300px;height:1em;vertical-align:middle"></progress> '
+            f'<span style="font-family:monospace">{html.escape(text)}</span></div>'
+        )
 
     def text(self) -> str:
         return tqdm.format_meter(self.n, self.total, self.elapsed, ncols=80, prefix=self.desc, postfix=self.postfix)
@@ -271,9 +272,11 @@ class _NotebookView:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
         widths = [max(len(c) for c in column) for column in zip(header, *rows)]
         text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
-        return {"text/html": f'<table border="1" class="dataframe"><thead><tr style="text-align: left;">{head}'
-                             f"</tr></thead><tbody>{body}</tbody></table>",
-                "text/plain": text}
+        return {
+            "text/html": f'<table border="1" class="dataframe"><thead><tr style="text-align: left;">{head}'
+            f"</tr></thead><tbody>{body}</tbody></table>",
+            "text/plain": text,
+        }
 
     def plot(self, progress: Any) -> None:
         if self.figure is not None:

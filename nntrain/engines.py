@@ -77,8 +77,16 @@ class Runner(Protocol):
     def restore(self, learn: Any, resume: Any, epochs: int, train: bool) -> ResumePlan | None:
         """The resume plan for `resume` (see `ResumePlan.restore`)."""
 
-    def fit(self, learn: Any, epochs: int, plan: ResumePlan | None, train: bool, valid: bool, lr: float | None,
-            options: dict[str, Any]) -> Any:
+    def fit(
+        self,
+        learn: Any,
+        epochs: int,
+        plan: ResumePlan | None,
+        train: bool,
+        valid: bool,
+        lr: float | None,
+        options: dict[str, Any],
+    ) -> Any:
         """Run the fit (`Learner.fit` returns None whatever it returns)."""
 
     def evaluate(self, learn: Any, dl: Any, mode: str, options: dict[str, Any]) -> None:
@@ -143,8 +151,10 @@ class NativeEngine:
             raise TypeError(f"got Trainer options {sorted(options)} but engine='native'")
         for sub in subs:
             if "native" not in subscriber_engines(sub):
-                raise ValueError(f"{type(sub).__name__} supports the engines {subscriber_engines(sub)} only; "
-                                 f"remove it from the learner's subs or fit with one of those engines")
+                raise ValueError(
+                    f"{type(sub).__name__} supports the engines {subscriber_engines(sub)} only; "
+                    f"remove it from the learner's subs or fit with one of those engines"
+                )
 
     def restore(self, learn: Any, resume: Any, epochs: int, train: bool) -> ResumePlan | None:
         """`ResumePlan.restore` (a Lightning checkpoint is refused: it resumes under Lightning)."""
@@ -154,16 +164,33 @@ class NativeEngine:
         learn.engine = self
         learn.dispatch.reset(propagate=True, agree=None, resume=plan)
 
-    def fit(self, learn: Any, epochs: int, plan: ResumePlan | None, train: bool, valid: bool, lr: float | None,
-            options: dict[str, Any]) -> None:
+    def fit(
+        self,
+        learn: Any,
+        epochs: int,
+        plan: ResumePlan | None,
+        train: bool,
+        valid: bool,
+        lr: float | None,
+        options: dict[str, Any],
+    ) -> None:
         """The native loop: each epoch a training pass, then a validation pass without grad."""
         self._start(learn, plan)
         start = plan.start_epoch if plan is not None else 0
-        self._scope(learn, "fit", lambda: learn.dispatch.open_fit(epochs, valid, start), self._fit_body, learn,
-                    start, epochs, plan, train, valid)
+        self._scope(
+            learn,
+            "fit",
+            lambda: learn.dispatch.open_fit(epochs, valid, start),
+            self._fit_body,
+            learn,
+            start,
+            epochs,
+            plan,
+            train,
+            valid,
+        )
 
-    def _fit_body(self, learn: Any, start: int, epochs: int, plan: ResumePlan | None, train: bool,
-                  valid: bool) -> None:
+    def _fit_body(self, learn: Any, start: int, epochs: int, plan: ResumePlan | None, train: bool, valid: bool) -> None:
         dls = learn.dls
         for epoch in range(start, epochs):
             if train:
@@ -175,8 +202,15 @@ class NativeEngine:
     def one_pass(self, learn: Any, mode: str, epoch: int, dl: Any, plan: ResumePlan | None = None) -> None:
         """Run the `mode` pass of `epoch` over `dl` (continuing `plan`'s position inside it)."""
         learn.model.train(mode == "train")
-        self._scope(learn, "epoch", lambda: learn.dispatch.open_epoch(mode, epoch, dl, loader_length(dl)),
-                    self._batches, learn, dl, plan)
+        self._scope(
+            learn,
+            "epoch",
+            lambda: learn.dispatch.open_epoch(mode, epoch, dl, loader_length(dl)),
+            self._batches,
+            learn,
+            dl,
+            plan,
+        )
 
     def _batches(self, learn: Any, dl: Any, plan: ResumePlan | None) -> None:
         batches = resumed_batches(dl, plan) if plan is not None and plan.inside_epoch else enumerate(dl)
@@ -271,4 +305,3 @@ def resolve_engine(name: str) -> Any:
         entry = getattr(importlib.import_module(module), attr)
         ENGINES[name] = entry
     return entry()
-

@@ -185,12 +185,16 @@ def check_subscribers(subs: Any, where: str = "subs") -> list[Any]:
     subs = list(subs)
     for i, sub in enumerate(subs):
         if isinstance(sub, type):
-            raise TypeError(f"{where}[{i}] is the class {sub.__name__}, not a subscriber: pass an instance, "
-                            f"{sub.__name__}(...)")
-        if not any(callable(getattr(sub, event, None)) for event in EVENTS) and \
-                not any(EVENT_LIKE.match(name) for name in dir(type(sub))):  # a typo: event_handlers names it
-            raise TypeError(f"{where}[{i}] is {_describe(sub)} with no event method ({', '.join(EVENTS[:3])}, ...): "
-                            f"it is not a subscriber")
+            raise TypeError(
+                f"{where}[{i}] is the class {sub.__name__}, not a subscriber: pass an instance, {sub.__name__}(...)"
+            )
+        if not any(callable(getattr(sub, event, None)) for event in EVENTS) and not any(
+            EVENT_LIKE.match(name) for name in dir(type(sub))
+        ):  # a typo: event_handlers names it
+            raise TypeError(
+                f"{where}[{i}] is {_describe(sub)} with no event method ({', '.join(EVENTS[:3])}, ...): "
+                f"it is not a subscriber"
+            )
     return subs
 
 
@@ -213,8 +217,9 @@ def check_roles(subs: Iterable[Any], origins: dict[int, str] | None = None) -> N
         if role is None:
             continue
         if role in seen:
-            raise ValueError(f"{name(seen[role])} and {name(sub)} both do {role}: together they would do it twice; "
-                             f"keep one of them")
+            raise ValueError(
+                f"{name(seen[role])} and {name(sub)} both do {role}: together they would do it twice; keep one of them"
+            )
         seen[role] = sub
 
 
@@ -233,8 +238,7 @@ def event_handlers(subs: Iterable[Any]) -> dict[str, tuple[Callable[[Any], None]
                     f"event. Valid events: {', '.join(EVENTS)}. Rename the method (a leading "
                     f"underscore marks a helper)."
                 )
-    return {event: tuple(h for h in (getattr(s, event, None) for s in ordered) if h is not None)
-            for event in EVENTS}
+    return {event: tuple(h for h in (getattr(s, event, None) for s in ordered) if h is not None) for event in EVENTS}
 
 
 _LOOP = """\

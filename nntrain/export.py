@@ -99,10 +99,18 @@ def export_learner(learn: Any, path: str | os.PathLike) -> Path:
     try:
         _Pickler(buf, ids).dump({"model": model, "learner_class": type(learn), "loss_fn": loss_fn})
     except Exception as exc:
-        raise TypeError(f"{type(model).__name__} cannot be pickled ({type(exc).__name__}: {exc}): export needs a "
-                        f"model made of importable classes; save the weights with learn.save(path) and build the "
-                        f"model in code instead") from exc
-    state = {"format": EXPORT_FORMAT, "tensors": tensors, "state_dict": model.state_dict(),
-             "model_class": _qualname(type(model)), "learner_class": _qualname(type(learn)),
-             "loss_fn": _qualname(learn.loss_fn), "pickled": buf.getvalue()}
+        raise TypeError(
+            f"{type(model).__name__} cannot be pickled ({type(exc).__name__}: {exc}): export needs a "
+            f"model made of importable classes; save the weights with learn.save(path) and build the "
+            f"model in code instead"
+        ) from exc
+    state = {
+        "format": EXPORT_FORMAT,
+        "tensors": tensors,
+        "state_dict": model.state_dict(),
+        "model_class": _qualname(type(model)),
+        "learner_class": _qualname(type(learn)),
+        "loss_fn": _qualname(learn.loss_fn),
+        "pickled": buf.getvalue(),
+    }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))

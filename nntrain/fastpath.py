@@ -34,9 +34,16 @@ class DeviceDataLoader:
         generator: a `torch.Generator` on `device` for the permutation.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = False, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
         if batch_size < 1:
@@ -57,12 +64,13 @@ class DeviceDataLoader:
         else:
             order = torch.arange(n, device=self.x.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
-def to_device_loaders(dls: DataLoaders, device: torch.device | str, batch_size: int | None = None,
-                      drop_last: bool = True) -> DataLoaders:
+def to_device_loaders(
+    dls: DataLoaders, device: torch.device | str, batch_size: int | None = None, drop_last: bool = True
+) -> DataLoaders:
     """`dls` (whose datasets hold `x` and `y` tensors, as `DataLoaders.from_hf_dd` makes) as
     `DeviceDataLoader`s on `device`; the training one shuffles.
 
@@ -73,12 +81,21 @@ def to_device_loaders(dls: DataLoaders, device: torch.device | str, batch_size: 
     for name, dl in (("train", dls.train), ("valid", dls.valid)):
         ds: Any = getattr(dl, "dataset", None)
         if not (isinstance(getattr(ds, "x", None), torch.Tensor) and isinstance(getattr(ds, "y", None), torch.Tensor)):
-            raise TypeError(f"dls.{name}.dataset must hold tensors x and y (a TensorPairDataset), "
-                            f"got {type(ds).__name__}")
+            raise TypeError(
+                f"dls.{name}.dataset must hold tensors x and y (a TensorPairDataset), got {type(ds).__name__}"
+            )
         bs = batch_size or dl.batch_size
         # (a loader made with a batch_sampler has batch_size None, which is not handled here)
-        loaders.append(DeviceDataLoader(ds.x, ds.y, bs, shuffle=name == "train",  # type: ignore[arg-type]
-                                        drop_last=drop_last and name == "train", device=device))
+        loaders.append(
+            DeviceDataLoader(
+                ds.x,
+                ds.y,
+                bs,  # type: ignore[arg-type]
+                shuffle=name == "train",
+                drop_last=drop_last and name == "train",
+                device=device,
+            )
+        )
     return DataLoaders(*loaders)
 
 

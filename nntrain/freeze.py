@@ -20,15 +20,30 @@ from torch import nn
 
 from nntrain.optim import LR, head_lr, lr_range, set_lr
 
-__all__ = ["NORM_TYPES", "Splitter", "body_head", "param_groups", "freeze_to", "frozen_groups", "make_optimizer",
-           "use_lr"]
+__all__ = [
+    "NORM_TYPES",
+    "Splitter",
+    "body_head",
+    "param_groups",
+    "freeze_to",
+    "frozen_groups",
+    "make_optimizer",
+    "use_lr",
+]
 
 Splitter = Callable[[nn.Module], Sequence[Any]]
 """`splitter(model)` -> the parameter groups, first to last: each an `nn.Module` (its parameters) or
 an iterable of parameters; every parameter of the model in exactly one group."""
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
-                                           nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+)
 """Normalization layers whose parameters `freeze_to(..., train_bn=True)` keeps training (fastai's
 `norm_types`)."""
 
@@ -42,9 +57,11 @@ def body_head(model: nn.Module) -> list[list[nn.Parameter]]:
     """
     children = list(model.children())
     if len(children) < 2:
-        raise ValueError(f"{type(model).__name__} has {len(children)} child module(s): the default splitter takes "
-                         f"the last child as the head and the rest as the body; pass splitter=lambda m: [body, head] "
-                         f"(modules or parameter lists) to Learner or freeze")
+        raise ValueError(
+            f"{type(model).__name__} has {len(children)} child module(s): the default splitter takes "
+            f"the last child as the head and the rest as the body; pass splitter=lambda m: [body, head] "
+            f"(modules or parameter lists) to Learner or freeze"
+        )
     head = list(children[-1].parameters())
     in_head = {id(p) for p in head}
     return [[p for p in model.parameters() if id(p) not in in_head], head]
@@ -61,8 +78,9 @@ def param_groups(model: nn.Module, splitter: Splitter | None = None) -> list[lis
     """
     raw = (splitter or body_head)(model)
     if isinstance(raw, (nn.Module, torch.Tensor)) or not isinstance(raw, Iterable):
-        raise TypeError(f"the splitter must return a list of groups (modules or parameter lists), got "
-                        f"{type(raw).__name__}")
+        raise TypeError(
+            f"the splitter must return a list of groups (modules or parameter lists), got {type(raw).__name__}"
+        )
     groups = [list(g.parameters()) if isinstance(g, nn.Module) else list(g) for g in raw]
     if not groups:
         raise ValueError("the splitter returned no parameter group")
@@ -71,17 +89,22 @@ def param_groups(model: nn.Module, splitter: Splitter | None = None) -> list[lis
     for i, group in enumerate(groups):
         for p in group:
             if not isinstance(p, nn.Parameter):
-                raise TypeError(f"parameter group {i} holds a {type(p).__name__}, not a parameter: a group is a "
-                                f"module or a list of its parameters")
+                raise TypeError(
+                    f"parameter group {i} holds a {type(p).__name__}, not a parameter: a group is a "
+                    f"module or a list of its parameters"
+                )
             if id(p) in seen and seen[id(p)] != i:
-                raise ValueError(f"parameter {names.get(id(p), '?')!r} is in groups {seen[id(p)]} and {i}: put "
-                                 f"each parameter in one group")
+                raise ValueError(
+                    f"parameter {names.get(id(p), '?')!r} is in groups {seen[id(p)]} and {i}: put "
+                    f"each parameter in one group"
+                )
             seen[id(p)] = i
     missing = [name for name, p in model.named_parameters() if id(p) not in seen]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"the splitter left out {len(missing)} parameter(s) ({shown}): put every parameter of the "
-                         f"model in a group")
+        raise ValueError(
+            f"the splitter left out {len(missing)} parameter(s) ({shown}): put every parameter of the model in a group"
+        )
     return [list(dict.fromkeys(group)) for group in groups]  # a module's parameters once, in order
 
 
@@ -98,8 +121,10 @@ def freeze_to(learn: Any, n: int, train_bn: bool = True) -> None:
     """
     groups = param_groups(learn.model, learn.splitter)
     if isinstance(n, bool) or not isinstance(n, int) or not -len(groups) <= n <= len(groups):
-        raise ValueError(f"n must be an int from {-len(groups)} to {len(groups)} (the model has {len(groups)} "
-                         f"parameter groups), got {n!r}")
+        raise ValueError(
+            f"n must be an int from {-len(groups)} to {len(groups)} (the model has {len(groups)} "
+            f"parameter groups), got {n!r}"
+        )
     first_trained = n % len(groups) if n < 0 else n
     norms = _norm_params(learn.model) if train_bn else set()
     for i, group in enumerate(groups):
@@ -145,14 +170,19 @@ def make_optimizer(learn: Any, lr: LR) -> Any:
         return learn.optim_class(learn.model.parameters(), lr)
     groups = param_groups(learn.model, learn.splitter)
     try:
-        opt = learn.optim_class([{"params": g, "lr": v} for g, v in zip(groups, lr_range(lr, len(groups)))],
-                                head_lr(lr))
+        opt = learn.optim_class(
+            [{"params": g, "lr": v} for g, v in zip(groups, lr_range(lr, len(groups)))], head_lr(lr)
+        )
     except (TypeError, ValueError, AttributeError) as exc:
-        raise TypeError(f"parameter groups (lr={lr!r} or a splitter) need an optimizer class that takes them, as "
-                        f"torch.optim's do; {learn.optim_class!r} failed: {exc}") from exc
+        raise TypeError(
+            f"parameter groups (lr={lr!r} or a splitter) need an optimizer class that takes them, as "
+            f"torch.optim's do; {learn.optim_class!r} failed: {exc}"
+        ) from exc
     if not hasattr(opt, "param_groups"):
-        raise TypeError(f"parameter groups (lr={lr!r} or a splitter) need an optimizer with param_groups, as "
-                        f"torch.optim's; {type(opt).__name__} has none: pass a torch.optim class as optim_class")
+        raise TypeError(
+            f"parameter groups (lr={lr!r} or a splitter) need an optimizer with param_groups, as "
+            f"torch.optim's; {type(opt).__name__} has none: pass a torch.optim class as optim_class"
+        )
     return opt
 
 

@@ -69,7 +69,8 @@ def label_column(features: Any, y_col: str | None) -> str:
     if not labels:
         raise ValueError(
             f"cannot tell the label column: not exactly one ClassLabel column and none named 'label'/'labels' "
-            f"(columns: {', '.join(map(repr, features))}); pass y_col=<name>")
+            f"(columns: {', '.join(map(repr, features))}); pass y_col=<name>"
+        )
     return labels[0]
 
 
@@ -107,5 +108,7 @@ def find_columns(features: Any, x_col: str | None, y_col: str | None) -> tuple[s
 def check_same_shape(train: tuple[int, ...], valid: tuple[int, ...], train_name: str, valid_name: str) -> None:
     """Raise a ValueError when the train and valid images differ in shape (the model fits one)."""
     if train != valid:
-        raise ValueError(f"the images of split {train_name!r} have shape {train} but those of {valid_name!r} have "
-                         f"{valid}: make both splits one mode and size (convert, resize; or pass size=)")
+        raise ValueError(
+            f"the images of split {train_name!r} have shape {train} but those of {valid_name!r} have "
+            f"{valid}: make both splits one mode and size (convert, resize; or pass size=)"
+        )

@@ -25,8 +25,15 @@ from torch.utils.data import Dataset
 
 from nntrain.images import ImageSpec, decode_column
 
-__all__ = ["ImageArrayDataset", "DiskArray", "image_dataset", "cache_path", "available_memory",
-           "CACHE_FORMAT", "MEMORY_SHARE"]
+__all__ = [
+    "ImageArrayDataset",
+    "DiskArray",
+    "image_dataset",
+    "cache_path",
+    "available_memory",
+    "CACHE_FORMAT",
+    "MEMORY_SHARE",
+]
 
 CACHE_FORMAT = 1
 """Part of every cache key: a new layout builds new files."""
@@ -122,8 +129,9 @@ class ImageArrayDataset(Dataset):
     labels, for code that wants every sample as one tensor (`nntrain.fastpath.to_device_loaders`).
     """
 
-    def __init__(self, images: np.ndarray | DiskArray, labels: torch.Tensor, flatten: bool = False,
-                 load: bool = False) -> None:
+    def __init__(
+        self, images: np.ndarray | DiskArray, labels: torch.Tensor, flatten: bool = False, load: bool = False
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"images and labels must have the same length, got {len(images)} and {len(labels)}")
         self.images = images
@@ -216,6 +224,7 @@ def _write_npy(ds: Any, col: str, spec: ImageSpec, path: Path, workers: int | No
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
+
             def start(shape: tuple[int, ...]) -> None:
                 np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
 
@@ -234,7 +243,7 @@ def _decode_in_memory(ds: Any, col: str, spec: ImageSpec, workers: int | None) -
         held["array"] = np.empty(shape, np.uint8)
 
     def write(part: np.ndarray) -> None:
-        held["array"][held["pos"]:held["pos"] + len(part)] = part
+        held["array"][held["pos"] : held["pos"] + len(part)] = part
         held["pos"] += len(part)
 
     decode_column(ds, col, spec, start, write, workers)
@@ -258,9 +267,17 @@ def _temporary_file(ds: Any, col: str, spec: ImageSpec, workers: int | None) -> 
     return arr
 
 
-def image_dataset(ds: Any, x_col: str, labels: torch.Tensor, spec: ImageSpec, *, flatten: bool,
-                  in_memory: bool | None, cache: bool | str | os.PathLike[str], workers: int | None
-                  ) -> ImageArrayDataset:
+def image_dataset(
+    ds: Any,
+    x_col: str,
+    labels: torch.Tensor,
+    spec: ImageSpec,
+    *,
+    flatten: bool,
+    in_memory: bool | None,
+    cache: bool | str | os.PathLike[str],
+    workers: int | None,
+) -> ImageArrayDataset:
     """The `ImageArrayDataset` of image column `x_col` of `ds`: decoded once (by `workers`
     processes) into the cache, or opened from it, and held in memory or left on disk
     (`in_memory`; None: in memory when it takes at most `MEMORY_SHARE` of the available memory)."""
@@ -274,8 +291,12 @@ def image_dataset(ds: Any, x_col: str, labels: torch.Tensor, spec: ImageSpec, *,
         except OSError as exc:
             import warnings
 
-            warnings.warn(f"cannot cache the decoded images in {path.parent} ({exc}); decoding without a cache "
-                          f"(pass cache=<a writable directory>)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"cannot cache the decoded images in {path.parent} ({exc}); decoding without a cache "
+                f"(pass cache=<a writable directory>)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             path = None
     if path is not None:
         mapped = DiskArray(path)

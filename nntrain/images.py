@@ -60,8 +60,7 @@ class ImageSpec:
     mode) and to `size` `(height, width)` with `resize` (None: as stored, which must then be one
     size). Its `key` names it in the cache."""
 
-    def __init__(self, mode: str | None = None, size: tuple[int, int] | None = None,
-                 resize: Resize = "squish") -> None:
+    def __init__(self, mode: str | None = None, size: tuple[int, int] | None = None, resize: Resize = "squish") -> None:
         if resize not in ("squish", "crop", "pad"):
             raise ValueError(f"resize must be 'squish', 'crop' or 'pad', got {resize!r}")
         self.mode, self.size, self.resize = mode, size, resize
@@ -123,11 +122,13 @@ def _differ(col: str, modes: set[str], sizes: set[tuple[int, ...]]) -> ValueErro
     if len(modes) > 1:
         return ValueError(
             f"images in column '{col}' have different modes {sorted(modes)}; convert them to one mode first "
-            f"(dd.cast_column({col!r}, datasets.Image(mode='RGB')), or 'L' for grayscale)")
+            f"(dd.cast_column({col!r}, datasets.Image(mode='RGB')), or 'L' for grayscale)"
+        )
     if len(sizes) > 1:
         return ValueError(
             f"images in column '{col}' have different sizes (height, width) {sorted(sizes)[:4]}; resize them "
-            f"to one size: pass size=(height, width) (or an int), with resize='squish', 'crop' or 'pad'")
+            f"to one size: pass size=(height, width) (or an int), with resize='squish', 'crop' or 'pad'"
+        )
     return None
 
 
@@ -172,8 +173,14 @@ def decode_workers(n_rows: int, workers: int | None) -> int:
     return max(int(workers), 0)
 
 
-def decode_column(ds: Any, col: str, spec: ImageSpec, start: Callable[[tuple[int, ...]], None],
-                  write: Callable[[np.ndarray], None], workers: int | None = None) -> None:
+def decode_column(
+    ds: Any,
+    col: str,
+    spec: ImageSpec,
+    start: Callable[[tuple[int, ...]], None],
+    write: Callable[[np.ndarray], None],
+    workers: int | None = None,
+) -> None:
     """Decode image column `col` of dataset `ds` in chunks, in order: `start` is told the
     whole column's shape (N, C, H, W) once the first image is decoded, then `write` gets each
     chunk as a (n, C, H, W) uint8 array; `workers` processes decode (see `decode_workers`).
@@ -190,7 +197,8 @@ def decode_column(ds: Any, col: str, spec: ImageSpec, start: Callable[[tuple[int
         if isinstance(part, tuple):
             mode, size = _mode_and_size(first, spec)
             raise _differ(col, part[0] | {mode}, part[1] | {size}) or ValueError(
-                f"images in column '{col}' decode to different shapes; convert them to one mode")
+                f"images in column '{col}' decode to different shapes; convert them to one mode"
+            )
         write(part)
 
 
@@ -206,8 +214,9 @@ def _decode_rows(start: int, stop: int, spec: ImageSpec, shape: tuple[int, ...])
     return _decode_chunk(_cells(ds, col, start, stop), spec, shape)
 
 
-def _decoded(ds: Any, col: str, spec: ImageSpec, shape: tuple[int, ...], ranges: list[tuple[int, int]],
-             workers: int) -> Iterator[np.ndarray | tuple[set, set]]:
+def _decoded(
+    ds: Any, col: str, spec: ImageSpec, shape: tuple[int, ...], ranges: list[tuple[int, int]], workers: int
+) -> Iterator[np.ndarray | tuple[set, set]]:
     """Each range's decoded chunk, in order; with `workers`, at most 2 * `workers` chunks in
     flight. Forked workers read their rows from the dataset they inherit; spawned ones get them."""
     global _FORKED
@@ -243,9 +252,13 @@ def _image_to_tensor(arr: np.ndarray, flatten: bool) -> torch.Tensor:
     return t.reshape(-1) if flatten else t
 
 
-def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True,
-                     size: int | Sequence[int] | None = None, resize: Resize = "squish",
-                     mode: str | None = None) -> tuple[torch.Tensor, ...]:
+def hf_ds_collate_fn(
+    batch: Sequence[Mapping[str, Any]],
+    flatten: bool = True,
+    size: int | Sequence[int] | None = None,
+    resize: Resize = "squish",
+    mode: str | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Collate dataset rows one value at a time: images (PIL, or Arrow cells) to float tensors,
     other values via `torch.tensor`.
 
@@ -276,7 +289,9 @@ def hf_ds_collate_fn(batch: Sequence[Mapping[str, Any]], flatten: bool = True,
         values = [to_tensor(v) for v in col]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
-            raise ValueError(f"the batch's column {i} holds items of different shapes {sorted(shapes)[:4]}: make the "
-                             f"images one mode and size (convert; or pass size=) before batching")
+            raise ValueError(
+                f"the batch's column {i} holds items of different shapes {sorted(shapes)[:4]}: make the "
+                f"images one mode and size (convert; or pass size=) before batching"
+            )
         out.append(torch.stack(values))
     return tuple(out)

@@ -43,11 +43,11 @@ from nntrain.freeze import Splitter, make_optimizer, use_lr
 from nntrain.optim import LR, check_lr_range, get_lr, set_lr
 from nntrain.verbs import LearnerVerbs
 
-__all__ = [  # Learner, MomentumLearner; the rest re-exported from their modules, for `from nntrain.learner import ...`
-    "Learner", "MomentumLearner", "EVENTS", "CancelException", "CancelFitException", "CancelEpochException",
-    "CancelBatchException", "CancelStepException", "Subscriber", "get_lr", "set_lr", "model_device", "collate_preds",
-    "loader_length",
-]
+# fmt: off
+__all__ = ["Learner", "MomentumLearner",  # and, re-exported from their modules, for `from nntrain.learner import ...`:
+           "EVENTS", "CancelException", "CancelFitException", "CancelEpochException", "CancelBatchException",
+           "CancelStepException", "Subscriber", "get_lr", "set_lr", "model_device", "collate_preds", "loader_length"]
+# fmt: on
 
 
 class Learner(LearnerVerbs):
@@ -146,9 +146,8 @@ class Learner(LearnerVerbs):
         self.dispatch.set_subs(self.subs)
 
     def placement(self, subs: Sequence[Subscriber] = ()) -> list[Subscriber]:
-        """The subscriber that places model and batches on `self.device` for a fit with `subs`
-        (a `DeviceS`, as fastai and Lightning use the GPU when there is one), or none: see
-        `nntrain.devices.default_placement`."""
+        """The `DeviceS` that places model and batches on `self.device` for a fit with `subs`, or
+        none (see `nntrain.devices.default_placement`): the GPU by default, as fastai and Lightning."""
         return default_placement(self.model, self.device, [*self.subs, *subs])
 
     def publish(self, event: str) -> None:
@@ -156,9 +155,8 @@ class Learner(LearnerVerbs):
         self.dispatch.publish(event)
 
     def log(self, values: Mapping[str, float]) -> None:
-        """Log values by name (`valid/loss`): kept in `learn.logs` for the other subscribers
-        (progress, TensorBoard, early stopping read them in `after_epoch`) and sent to the engine
-        (Lightning's `callback_metrics` and loggers)."""
+        """Log values by name (`valid/loss`): kept in `learn.logs` for the other subscribers (progress,
+        TensorBoard, early stopping read them in `after_epoch`) and sent to the engine (Lightning's loggers)."""
         self.logs.update(values)
         self.engine.log_metrics(dict(values))
 
@@ -367,8 +365,9 @@ class Learner(LearnerVerbs):
             self.remove_subs(subs)
             self.release_graph()
 
-    def evaluate(self, dl: Any = None, subs: Sequence[Subscriber] = (), engine: str = "native",
-                 **trainer_kwargs: Any) -> dict[str, float]:
+    def evaluate(
+        self, dl: Any = None, subs: Sequence[Subscriber] = (), engine: str = "native", **trainer_kwargs: Any
+    ) -> dict[str, float]:
         """One evaluation pass over `dl` (mode "test"; the validation loader, mode "valid", when
         None) with the fit and epoch events, as Keras's `evaluate` or fastai's `validate`.
 
@@ -391,8 +390,9 @@ class Learner(LearnerVerbs):
             self.release_graph()
         return {k: v for k, v in self.logs.items() if k.startswith(f"{mode}/")}
 
-    def get_preds(self, dl: Any = None, engine: str = "native", **trainer_kwargs: Any
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get_preds(
+        self, dl: Any = None, engine: str = "native", **trainer_kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's predictions over `dl` (default: the validation loader) in eval mode,
         without grad and without events, with the targets where batches are `(inputs, targets)`.
 
@@ -407,8 +407,7 @@ class Learner(LearnerVerbs):
             self.release_graph()
 
     def release_graph(self) -> None:
-        """Let go of the last batch's autograd graph (after a fit or an error): `loss` and
-        `preds` are kept detached, `loss_grad` is dropped."""
+        """Let go of the last batch's graph (after a fit or an error): `loss`, `preds` detached, no `loss_grad`."""
         self.loss_grad = None
         if isinstance(self.loss, torch.Tensor):
             self.loss = self.loss.detach()
@@ -423,6 +422,7 @@ class Learner(LearnerVerbs):
             batch = self.batch = (batch,)
         self.predict()
         return self.preds, self.split_batch(batch)[1]
+
 
 class MomentumLearner(Learner):
     """A `Learner` whose `zero_grad` keeps `mom * grad` instead of zeroing: gradients with momentum."""

@@ -24,9 +24,11 @@ class NoData:
         self.train = self.valid = self
 
     def _missing(self) -> ValueError:
-        return ValueError("this learner was made by load_learner for inference and has no data: set "
-                          "learn.dls = DataLoaders(train, valid) to fit or evaluate it, or pass dl= to evaluate / "
-                          "get_preds")
+        return ValueError(
+            "this learner was made by load_learner for inference and has no data: set "
+            "learn.dls = DataLoaders(train, valid) to fit or evaluate it, or pass dl= to evaluate / "
+            "get_preds"
+        )
 
     def __len__(self) -> int:
         raise self._missing()
@@ -39,12 +41,20 @@ class NoData:
 
 
 def _no_loss(*args: Any) -> Any:
-    raise ValueError("this learner was loaded without its loss function (it could not be pickled, or the file "
-                     "was loaded safely): pass loss_fn= to load_learner")
+    raise ValueError(
+        "this learner was loaded without its loss function (it could not be pickled, or the file "
+        "was loaded safely): pass loss_fn= to load_learner"
+    )
 
 
-def load_learner(path: str | os.PathLike, model: nn.Module | None = None, trusted: bool = False,
-                 learner_class: type | None = None, loss_fn: Any = None, map_location: Any = "cpu") -> Any:
+def load_learner(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    trusted: bool = False,
+    learner_class: type | None = None,
+    loss_fn: Any = None,
+    map_location: Any = "cpu",
+) -> Any:
     """A learner for inference from a file `Learner.export` wrote, without data (`NoData`).
 
     Args:
@@ -66,29 +76,36 @@ def load_learner(path: str | os.PathLike, model: nn.Module | None = None, truste
     """
     state = read_checkpoint(path, map_location)
     if state.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path} is not a file Learner.export wrote (format {state.get('format')!r}): load "
-                              f"weights files with learn.load, checkpoints with fit(resume=...)")
+        raise CheckpointError(
+            f"{path} is not a file Learner.export wrote (format {state.get('format')!r}): load "
+            f"weights files with learn.load, checkpoints with fit(resume=...)"
+        )
     exported = {}
     if model is not None:
         try:
             model.load_state_dict(state["state_dict"])
         except RuntimeError as exc:
-            raise ValueError(f"the model given does not fit the weights in {path} (exported from "
-                             f"{state['model_class']}): {exc}") from exc
+            raise ValueError(
+                f"the model given does not fit the weights in {path} (exported from {state['model_class']}): {exc}"
+            ) from exc
     elif trusted:
         try:
             exported = _Unpickler(io.BytesIO(state["pickled"]), state["tensors"]).load()
         except (AttributeError, ImportError) as exc:  # a class defined in a script's __main__, or renamed
-            raise ValueError(f"{path} names a class that cannot be found here ({exc}): import or define the "
-                             f"model's class ({state['model_class']}) and the learner's ({state['learner_class']}) "
-                             f"before loading, or pass model=") from exc
+            raise ValueError(
+                f"{path} names a class that cannot be found here ({exc}): import or define the "
+                f"model's class ({state['model_class']}) and the learner's ({state['learner_class']}) "
+                f"before loading, or pass model="
+            ) from exc
         model = exported["model"]
     else:
         name = state["model_class"].rsplit(".", 1)[-1]
-        raise ValueError(f"{path} holds a {state['model_class']} as a pickle, and unpickling can run code the file "
-                         f"names, so load_learner does not do it by default: pass model={name}(...) (the same "
-                         f"architecture: only the weights are read, safely), or trusted=True if you trust the "
-                         f"file's source")
+        raise ValueError(
+            f"{path} holds a {state['model_class']} as a pickle, and unpickling can run code the file "
+            f"names, so load_learner does not do it by default: pass model={name}(...) (the same "
+            f"architecture: only the weights are read, safely), or trusted=True if you trust the "
+            f"file's source"
+        )
     cls = learner_class or exported.get("learner_class") or Learner
     loss = loss_fn or exported.get("loss_fn") or _no_loss
     return cls(model, NoData(), loss)

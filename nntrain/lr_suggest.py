@@ -15,8 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-__all__ = ["smooth", "steepest", "valley", "minimum", "slide", "SUGGESTIONS", "LR_FACTOR", "METHODS", "SKIP_END",
-           "trimmed_range", "suggest", "suggestion", "suggestions"]
+__all__ = [
+    "smooth",
+    "steepest",
+    "valley",
+    "minimum",
+    "slide",
+    "SUGGESTIONS",
+    "LR_FACTOR",
+    "METHODS",
+    "SKIP_END",
+    "trimmed_range",
+    "suggest",
+    "suggestion",
+    "suggestions",
+]
 
 
 def smooth(losses: Sequence[float], beta: float = 0.98) -> list[float]:
@@ -35,8 +48,10 @@ def smooth(losses: Sequence[float], beta: float = 0.98) -> list[float]:
 
 def _check_pairs(name: str, lrs: Sequence[float], losses: Sequence[float], least: int) -> None:
     if len(losses) < least or len(lrs) != len(losses):
-        raise ValueError(f"{name} needs {'two' if least == 2 else 'one'} or more (lr, loss) pairs of equal count, "
-                         f"got {len(lrs)} lrs and {len(losses)} losses")
+        raise ValueError(
+            f"{name} needs {'two' if least == 2 else 'one'} or more (lr, loss) pairs of equal count, "
+            f"got {len(lrs)} lrs and {len(losses)} losses"
+        )
 
 
 def steepest(lrs: Sequence[float], losses: Sequence[float]) -> int:
@@ -122,7 +137,11 @@ def slide(lrs: Sequence[float], losses: Sequence[float], lr_diff: int = 15, thre
 
 
 SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], int]] = {
-    "valley": valley, "steepest": steepest, "minimum": minimum, "slide": slide}
+    "valley": valley,
+    "steepest": steepest,
+    "minimum": minimum,
+    "slide": slide,
+}
 """Suggestion methods by name; each maps (lrs, smoothed losses) to an index."""
 
 LR_FACTOR: dict[str, float] = {"minimum": 0.1}
@@ -154,8 +173,9 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def suggest(lrs: Sequence[float], losses: Sequence[float], method: str = "valley", beta: float = 0.98,
-            trim: bool = True) -> tuple[float, int]:
+def suggest(
+    lrs: Sequence[float], losses: Sequence[float], method: str = "valley", beta: float = 0.98, trim: bool = True
+) -> tuple[float, int]:
     """The suggested lr and the index of the curve's point it was picked at (see `suggestion`).
 
     Raises:
@@ -165,17 +185,24 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], method: str = "valley
     n_finite = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
     span = trimmed_range(len(losses), n_finite, trim)
     if len(span) < 2:
-        cut = f"; trimming left out the first {span.start} and the last {SKIP_END} of the {len(losses)} recorded " \
-              f"(pass trim=False to use them)" if trim else ""
-        raise ValueError(f"need two or more finite losses to suggest a learning rate, got {max(len(span), 0)}{cut}; "
-                         f"start the search at a lower lr or with a smaller mult")
+        cut = (
+            f"; trimming left out the first {span.start} and the last {SKIP_END} of the {len(losses)} recorded "
+            f"(pass trim=False to use them)"
+            if trim
+            else ""
+        )
+        raise ValueError(
+            f"need two or more finite losses to suggest a learning rate, got {max(len(span), 0)}{cut}; "
+            f"start the search at a lower lr or with a smaller mult"
+        )
     smoothed = smooth(losses[:n_finite], beta)
-    idx = span.start + SUGGESTIONS[method](lrs[span.start:span.stop], smoothed[span.start:span.stop])
+    idx = span.start + SUGGESTIONS[method](lrs[span.start : span.stop], smoothed[span.start : span.stop])
     return float(lrs[idx]) * LR_FACTOR.get(method, 1.0), idx
 
 
-def suggestion(lrs: Sequence[float], losses: Sequence[float], method: str = "valley", beta: float = 0.98,
-               trim: bool = True) -> float:
+def suggestion(
+    lrs: Sequence[float], losses: Sequence[float], method: str = "valley", beta: float = 0.98, trim: bool = True
+) -> float:
     """A learning rate picked from an LR-finder curve.
 
     The curve is cut at its first non-finite loss, smoothed with `smooth(losses, beta)` and, with
@@ -195,8 +222,13 @@ def suggestion(lrs: Sequence[float], losses: Sequence[float], method: str = "val
     return suggest(lrs, losses, method, beta, trim)[0]
 
 
-def suggestions(lrs: Sequence[float], losses: Sequence[float], methods: Sequence[str] = METHODS,
-                beta: float = 0.98, trim: bool = True) -> dict[str, float | None]:
+def suggestions(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    methods: Sequence[str] = METHODS,
+    beta: float = 0.98,
+    trim: bool = True,
+) -> dict[str, float | None]:
     """Each method's `suggestion` by name; None for all of them when the curve is too short.
 
     Raises:

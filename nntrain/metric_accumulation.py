@@ -86,7 +86,7 @@ def _to_python(values: list[Tensor]) -> list[float | list[float]]:
         start = 0
         for i in indices:
             n = values[i].numel()
-            out[i] = flat[start] if n == 1 else flat[start:start + n]
+            out[i] = flat[start] if n == 1 else flat[start : start + n]
             start += n
     return out
 
@@ -187,8 +187,10 @@ class MetricAccumulator:
         self.functions: dict[str, Callable[[Tensor, Tensor], Any]] = {}
         for name, metric in self.metrics.items():
             if isinstance(metric, type):
-                raise TypeError(f"metric {name!r} is the class {metric.__name__}, not a metric: pass an instance, "
-                                f"{name}={metric.__name__}(...)")
+                raise TypeError(
+                    f"metric {name!r} is the class {metric.__name__}, not a metric: pass an instance, "
+                    f"{name}={metric.__name__}(...)"
+                )
             if _is_metric_object(metric):
                 self.objects[name] = metric
             elif callable(metric):
@@ -261,8 +263,13 @@ class MetricAccumulator:
             "loss_sum": None if self._loss_sum is None else self._loss_sum.clone(),
             "fn_sums": {name: value.clone() for name, value in self._fn_sums.items()},
             "objects": {name: _metric_state(m) for name, m in self.objects.items()},
-            "buffer": {"preds": list(self._preds), "targets": list(self._targets), "losses": list(self._losses),
-                       "sizes": list(self._sizes), "buffered": self._buffered},
+            "buffer": {
+                "preds": list(self._preds),
+                "targets": list(self._targets),
+                "losses": list(self._losses),
+                "sizes": list(self._sizes),
+                "buffered": self._buffered,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -288,8 +295,10 @@ class MetricAccumulator:
         if _world_size() > 1:
             # One collective for the loss, the function sums and the sample count.
             device = _collective_device(device)
-            local = torch.stack([s.to(device, _accum_dtype(device)) for s in sums]
-                                + [torch.tensor(self.count, dtype=_accum_dtype(device), device=device)])
+            local = torch.stack(
+                [s.to(device, _accum_dtype(device)) for s in sums]
+                + [torch.tensor(self.count, dtype=_accum_dtype(device), device=device)]
+            )
             dist.all_reduce(local)
             *sum_values, count = local.tolist()
             objects = {}
@@ -301,7 +310,7 @@ class MetricAccumulator:
             objects = {name: m.compute() for name, m in self.objects.items()} if count > 0 else {}
             # One host copy for everything when all values share a device.
             values = _to_python(sums + [torch.as_tensor(v) for v in objects.values()])
-            sum_values, object_values = values[:len(sums)], values[len(sums):]
+            sum_values, object_values = values[: len(sums)], values[len(sums) :]
         nan = float("nan")
         means = [s / count if count > 0 else nan for s in sum_values]
         out: dict[str, Any] = {"loss": means[0]}

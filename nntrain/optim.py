@@ -28,8 +28,10 @@ def check_lr_range(lr: Any, where: str = "lr") -> None:
     if isinstance(lr, slice):
         lo, hi = lr.start, lr.stop
         if lr.step is not None or not _number(hi) or hi <= 0 or (lo is not None and not (_number(lo) and 0 < lo <= hi)):
-            raise ValueError(f"{where} as a slice must be slice(hi) or slice(lo, hi) with 0 < lo <= hi, both finite "
-                             f"(lo for the first parameter group, hi for the last), got {lr!r}")
+            raise ValueError(
+                f"{where} as a slice must be slice(hi) or slice(lo, hi) with 0 < lo <= hi, both finite "
+                f"(lo for the first parameter group, hi for the last), got {lr!r}"
+            )
         return
     if not _number(lr) or lr < 0:
         raise ValueError(f"{where} must be a finite number >= 0 or a slice(lo, hi), got {lr!r}")
@@ -74,7 +76,9 @@ def set_lr(opt: Any, lr: LR) -> None:
         for group, value in zip(opt.param_groups, lr_range(lr, len(opt.param_groups))):
             group["lr"] = value
     elif isinstance(lr, slice):
-        raise TypeError(f"lr={lr!r} spreads learning rates over parameter groups, which {type(opt).__name__} has "
-                        f"none of: pass a torch.optim optimizer class as optim_class, or a number as lr")
+        raise TypeError(
+            f"lr={lr!r} spreads learning rates over parameter groups, which {type(opt).__name__} has "
+            f"none of: pass a torch.optim optimizer class as optim_class, or a number as lr"
+        )
     else:
         opt.lr = lr

@@ -22,8 +22,9 @@ def gradient_recipes(clip_val: float | None = None, clip_algorithm: str = "norm"
     if clip_val is not None and clip_val > 0:
         if clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm={clip_algorithm!r}: use 'norm' or 'value'")
-        subs.append(GradClipS(max_norm=float(clip_val)) if clip_algorithm == "norm" else
-                    GradClipS(max_value=float(clip_val)))
+        subs.append(
+            GradClipS(max_norm=float(clip_val)) if clip_algorithm == "norm" else GradClipS(max_value=float(clip_val))
+        )
     if accumulate != 1:
         subs.append(GradAccumS(int(accumulate)))
     return subs

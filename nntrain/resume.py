@@ -68,8 +68,9 @@ class ResumePlan:
         return self.epoch + (self.iter is None)
 
     @classmethod
-    def read(cls, path: str | os.PathLike, state: dict[str, Any], rank: int = 0,
-             world_size: int | None = None) -> ResumePlan:
+    def read(
+        cls, path: str | os.PathLike, state: dict[str, Any], rank: int = 0, world_size: int | None = None
+    ) -> ResumePlan:
         """The plan for a loaded checkpoint of either format (`state`, read from `path`); given
         the `world_size` of the resuming fit, rank `rank`'s own subscriber states and RNG.
 
@@ -89,21 +90,33 @@ class ResumePlan:
                 raise ValueError(
                     f"checkpoint {path} was taken inside epoch {pos['epoch']} (after training batch {pos['iter']}) "
                     f"by {len(ranks)} rank(s), and this fit runs {world_size}: each rank's partial epoch cannot "
-                    f"be shared out again; resume with {len(ranks)} rank(s), or from a checkpoint at an epoch's end")
+                    f"be shared out again; resume with {len(ranks)} rank(s), or from a checkpoint at an epoch's end"
+                )
             if len(ranks) == world_size:
                 subs, rng = ranks[rank]["subs"], ranks[rank]["rng"]
-        return cls(path=str(path), epoch=pos["epoch"], iter=pos["iter"], grads=entry["grads"],
-                   global_step=entry["global_step"], rng=rng, epoch_rng=entry["epoch_rng"],
-                   subs=subs, lightning=lightning, epoch_offset=offset, finished=bool(pos.get("finished")),
-                   needed=tuple(entry.get("needed") or ()))
+        return cls(
+            path=str(path),
+            epoch=pos["epoch"],
+            iter=pos["iter"],
+            grads=entry["grads"],
+            global_step=entry["global_step"],
+            rng=rng,
+            epoch_rng=entry["epoch_rng"],
+            subs=subs,
+            lightning=lightning,
+            epoch_offset=offset,
+            finished=bool(pos.get("finished")),
+            needed=tuple(entry.get("needed") or ()),
+        )
 
     def key(self) -> tuple[Any, ...]:
         """What identifies the checkpoint across machines: file name, position and step."""
         return (Path(self.path).name, self.epoch, self.iter, self.global_step)
 
     @classmethod
-    def restore(cls, learn: Any, resume: str | os.PathLike, n_epochs: int, train: bool = True,
-                lightning_ok: bool = False) -> ResumePlan | None:
+    def restore(
+        cls, learn: Any, resume: str | os.PathLike, n_epochs: int, train: bool = True, lightning_ok: bool = False
+    ) -> ResumePlan | None:
         """Find the checkpoint `resume` names (see `find_checkpoint`), check it against `learn`
         and a fit of `n_epochs` epochs, and for a native one load model, optimizer, gradients and
         `global_step` into `learn`. Returns its plan, or None when `resume="last"` finds nothing.
@@ -118,14 +131,16 @@ class ResumePlan:
         path, state = found
         plan = cls.read(path, state)
         if plan.lightning and not lightning_ok:
-            raise CheckpointError(f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
-                                  f"resume=...), which hands it to the Trainer as ckpt_path")
+            raise CheckpointError(
+                f"{path} is a Lightning checkpoint: resume it with fit(..., engine='lightning', "
+                f"resume=...), which hands it to the Trainer as ckpt_path"
+            )
         if plan.inside_epoch and not train:
             raise ValueError("a checkpoint taken inside a training pass cannot resume a fit with train=False")
         plan.check_fits(learn, n_epochs)
         if plan.lightning:
             prefix = "model."
-            weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+            weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
             check_model(learn, path, weights)
             saved_opts = state.get("optimizer_states") or [None]
             check_optimizer(learn, path, saved_opts[0])
@@ -159,22 +174,34 @@ class ResumePlan:
             ValueError: naming the checkpoint's position and what does not fit.
         """
         if self.finished:
-            warnings.warn(f"checkpoint {self.describe()} ends a finished run (a subscriber stopped it early): "
-                          f"nothing left to train. To train on from its weights on purpose, learn.load(path) "
-                          f"and fit without resume=", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint {self.describe()} ends a finished run (a subscriber stopped it early): "
+                f"nothing left to train. To train on from its weights on purpose, learn.load(path) "
+                f"and fit without resume=",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         if self.start_epoch > n_epochs:
-            raise ValueError(f"checkpoint {self.describe()} is past this {n_epochs}-epoch fit: fit(epochs) counts all "
-                             f"epochs, so continue it with fit({self.start_epoch + 1} or more, resume=...)")
+            raise ValueError(
+                f"checkpoint {self.describe()} is past this {n_epochs}-epoch fit: fit(epochs) counts all "
+                f"epochs, so continue it with fit({self.start_epoch + 1} or more, resume=...)"
+            )
         if self.start_epoch == n_epochs:
-            warnings.warn(f"checkpoint {self.describe()} ends this {n_epochs}-epoch run: nothing left to train "
-                          f"(ask for more epochs to go on)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint {self.describe()} ends this {n_epochs}-epoch run: nothing left to train "
+                f"(ask for more epochs to go on)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self.iter is not None:  # inside_epoch, spelled so that type checkers see an int below
             n = loader_length(learn.dls.train)
             if n is not None and self.iter + 1 > n:
-                raise ValueError(f"checkpoint {self.describe()} was taken after batch {self.iter}, but the training "
-                                 f"loader has {n} batches per epoch (another batch size or dataset?): resume with "
-                                 f"the loader it was saved with, or from a checkpoint at an epoch's end")
+                raise ValueError(
+                    f"checkpoint {self.describe()} was taken after batch {self.iter}, but the training "
+                    f"loader has {n} batches per epoch (another batch size or dataset?): resume with "
+                    f"the loader it was saved with, or from a checkpoint at an epoch's end"
+                )
 
     def apply_states(self, learn: Any) -> None:
         """Give `learn`'s subscribers their saved states (by `state_key`) and restore the RNG as it

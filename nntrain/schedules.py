@@ -19,8 +19,14 @@ def cos_anneal(start: float, end: float, pos: float) -> float:
     return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
 
-def one_cycle(pos: float, lr_max: float, pct_start: float = 0.25, div: float = 25.0, div_final: float = 1e5,
-              moms: tuple[float, float, float] = (0.95, 0.85, 0.95)) -> tuple[float, float]:
+def one_cycle(
+    pos: float,
+    lr_max: float,
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    div_final: float = 1e5,
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
+) -> tuple[float, float]:
     """fastai's one-cycle `(lr, momentum)` at `pos` in [0, 1] of the steps: the lr rises from
     `lr_max/div` to `lr_max` over `pct_start`, then falls to `lr_max/div_final`, both cosine;
     the momentum moves from `moms[0]` to `moms[1]` and back to `moms[2]` the opposite way."""
@@ -60,9 +66,16 @@ class OneCycle:
         ValueError: `total_steps` < 1, `pct_start` outside [0, 1), `div`/`div_final` <= 0.
     """
 
-    def __init__(self, optimizer: Any, total_steps: int, lr_max: float | slice, pct_start: float = 0.25,
-                 div: float = 25.0, div_final: float = 1e5,
-                 moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95)) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        total_steps: int,
+        lr_max: float | slice,
+        pct_start: float = 0.25,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+    ) -> None:
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if not 0 <= pct_start < 1:
@@ -71,8 +84,9 @@ class OneCycle:
             check_lr_range(lr_max, "lr_max")
         lr_maxes = lr_range(lr_max, len(optimizer.param_groups))
         if not (min(lr_maxes) > 0 and div > 0 and div_final > 0) or math.isinf(max(lr_maxes)):
-            raise ValueError(f"lr_max, div and div_final must be positive and finite, got {lr_max!r}, {div!r}, "
-                             f"{div_final!r}")
+            raise ValueError(
+                f"lr_max, div and div_final must be positive and finite, got {lr_max!r}, {div!r}, {div_final!r}"
+            )
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.lr_max, self.pct_start, self.div, self.div_final = lr_max, pct_start, div, div_final

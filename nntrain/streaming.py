@@ -43,7 +43,8 @@ class ImageRows:
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise _differ(self.x_col, {f"{s[2]} channel(s)" for s in shapes}, {s[:2] for s in shapes}) or ValueError(
-                f"images in column {self.x_col!r} differ in shape {sorted(shapes)[:4]}")
+                f"images in column {self.x_col!r} differ in shape {sorted(shapes)[:4]}"
+            )
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
         return x, torch.tensor([row[self.y_col] for row in rows], dtype=torch.long)
 
@@ -78,9 +79,16 @@ class StreamBatches(IterableDataset):
         generator: the generator the shuffle seed is drawn from (default torch's global one).
     """
 
-    def __init__(self, ds: Any, batch_size: int, make_batch: Callable[[list[dict[str, Any]]], Any],
-                 shuffle: bool = False, buffer_size: int = 1000, drop_last: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        ds: Any,
+        batch_size: int,
+        make_batch: Callable[[list[dict[str, Any]]], Any],
+        shuffle: bool = False,
+        buffer_size: int = 1000,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.ds, self.batch_size, self.make_batch = ds, batch_size, make_batch
         self.shuffle, self.buffer_size, self.drop_last, self.generator = shuffle, buffer_size, drop_last, generator
         self._source: Any = None

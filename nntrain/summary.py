@@ -63,8 +63,9 @@ class Summary:
         notes: the learner's setup (optimizer, loss, frozen groups, subscribers), one per line.
     """
 
-    def __init__(self, model: str, input: str, rows: list[LayerRow], total: int, trainable: int,
-                 notes: list[str]) -> None:
+    def __init__(
+        self, model: str, input: str, rows: list[LayerRow], total: int, trainable: int, notes: list[str]
+    ) -> None:
         self.model, self.input, self.rows = model, input, rows
         self.total, self.trainable, self.frozen = total, trainable, total - trainable
         self.notes = notes
@@ -74,11 +75,22 @@ class Summary:
         cells = [header, *((f"{r.name} ({r.kind})", r.output, f"{r.params:,}", r.trainable) for r in self.rows)]
         widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
         line = lambda c: "  ".join(  # noqa: E731
-            c[i].ljust(widths[i]) if i in (0, 1) else c[i].rjust(widths[i]) for i in range(len(c))).rstrip()
+            c[i].ljust(widths[i]) if i in (0, 1) else c[i].rjust(widths[i]) for i in range(len(c))
+        ).rstrip()
         rule = "=" * len(line(header))
-        lines = [f"{self.model} (input: {self.input})", rule, line(header), rule, *map(line, cells[1:]), rule,
-                 f"Total params: {self.total:,}", f"Trainable params: {self.trainable:,}",
-                 f"Frozen params: {self.frozen:,}", "", *self.notes]
+        lines = [
+            f"{self.model} (input: {self.input})",
+            rule,
+            line(header),
+            rule,
+            *map(line, cells[1:]),
+            rule,
+            f"Total params: {self.total:,}",
+            f"Trainable params: {self.trainable:,}",
+            f"Frozen params: {self.frozen:,}",
+            "",
+            *self.notes,
+        ]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -90,8 +102,9 @@ def _first_batch(learn: Any) -> Any:
             return next(iter(dl))
         except StopIteration:
             continue
-    raise ValueError("summary() runs the model on one batch, but both loaders are empty: pass a batch, "
-                     "learn.summary(batch)")
+    raise ValueError(
+        "summary() runs the model on one batch, but both loaders are empty: pass a batch, learn.summary(batch)"
+    )
 
 
 def summarize(learn: Any, batch: Any = None) -> Summary:
@@ -108,16 +121,22 @@ def summarize(learn: Any, batch: Any = None) -> Summary:
     inputs = learn.split_batch(batch)[0] if isinstance(batch, (tuple, list, Mapping)) else batch
     inputs = to_device(inputs, model_device(model))
     names = {m: name or type(model).__name__ for name, m in model.named_modules()}
-    layers = [m for m in model.modules() if not any(True for _ in m.children()) or
-              any(True for _ in m.parameters(recurse=False))]
+    layers = [
+        m
+        for m in model.modules()
+        if not any(True for _ in m.children()) or any(True for _ in m.parameters(recurse=False))
+    ]
     rows: list[LayerRow] = []
     called: set[nn.Module] = set()
 
     def hook(module: nn.Module, args: Any, out: Any) -> None:
         called.add(module)
         own = list(module.parameters(recurse=False))
-        rows.append(LayerRow(names[module], type(module).__name__, describe_output(out), sum(p.numel() for p in own),
-                             _trainable(own)))
+        rows.append(
+            LayerRow(
+                names[module], type(module).__name__, describe_output(out), sum(p.numel() for p in own), _trainable(own)
+            )
+        )
 
     handles = [m.register_forward_hook(hook) for m in layers]
     was_training = model.training
@@ -132,19 +151,29 @@ def summarize(learn: Any, batch: Any = None) -> Summary:
     for m in layers:
         if m not in called:
             own = list(m.parameters(recurse=False))
-            rows.append(LayerRow(names[m], type(m).__name__, "(not called)", sum(p.numel() for p in own),
-                                 _trainable(own)))
+            rows.append(
+                LayerRow(names[m], type(m).__name__, "(not called)", sum(p.numel() for p in own), _trainable(own))
+            )
     params = list(model.parameters())
-    return Summary(type(model).__name__, describe_output(inputs), rows, sum(p.numel() for p in params),
-                   sum(p.numel() for p in params if p.requires_grad), _notes(learn))
+    return Summary(
+        type(model).__name__,
+        describe_output(inputs),
+        rows,
+        sum(p.numel() for p in params),
+        sum(p.numel() for p in params if p.requires_grad),
+        _notes(learn),
+    )
 
 
 def _notes(learn: Any) -> list[str]:
     from nntrain.freeze import frozen_groups, param_groups
 
     opt = learn.opt
-    optimizer = type(opt).__name__ if opt is not None else \
-        f"{getattr(learn.optim_class, '__name__', repr(learn.optim_class))} (made at the first fit)"
+    optimizer = (
+        type(opt).__name__
+        if opt is not None
+        else f"{getattr(learn.optim_class, '__name__', repr(learn.optim_class))} (made at the first fit)"
+    )
     loss = getattr(learn.loss_fn, "__name__", type(learn.loss_fn).__name__)
     notes = [f"Optimizer: {optimizer}, lr {learn.lr}", f"Loss function: {loss}"]
     frozen = frozen_groups(learn)

@@ -14,8 +14,19 @@ from nntrain.learner import Learner
 
 __all__ = ["assert_engines_agree", "EngineRun"]
 
-_BATCH_EVENTS = frozenset(("before_batch", "after_predict", "after_loss", "before_backward", "after_backward",
-                           "before_step", "after_step", "after_batch", "cleanup_batch"))
+_BATCH_EVENTS = frozenset(
+    (
+        "before_batch",
+        "after_predict",
+        "after_loss",
+        "before_backward",
+        "after_backward",
+        "before_step",
+        "after_step",
+        "after_batch",
+        "cleanup_batch",
+    )
+)
 
 
 class _Trace:
@@ -49,14 +60,26 @@ class EngineRun:
     """One engine's side of `assert_engines_agree`: the learner after the fit, its event trace,
     its per-batch training losses and its `MetricsS` rows."""
 
-    def __init__(self, engine: str, learn: Learner, trace: _Trace, rows: list[list[dict[str, Any]]],
-                 start: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        engine: str,
+        learn: Learner,
+        trace: _Trace,
+        rows: list[list[dict[str, Any]]],
+        start: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.engine, self.learn, self.trace, self.rows = engine, learn, trace, rows
         self.start = start or {}  # the model's state before the fit
 
 
-def _run(engine: str, make_learner: Callable[[], Learner], epochs: int, seed: int, fit: Callable[..., Any],
-         kwargs: dict[str, Any]) -> EngineRun:
+def _run(
+    engine: str,
+    make_learner: Callable[[], Learner],
+    epochs: int,
+    seed: int,
+    fit: Callable[..., Any],
+    kwargs: dict[str, Any],
+) -> EngineRun:
     learn = make_learner()
     if not isinstance(learn, Learner):
         raise TypeError(f"make_learner() must return a Learner, got {type(learn).__name__}")
@@ -80,30 +103,40 @@ def _compare(n: EngineRun, lt: EngineRun, atol: float) -> None:
     for name, start in n.start.items():
         other = lt.start.get(name)
         if other is None or not _same(start, other, 0):
-            raise AssertionError(f"make_learner() built two models with different starting weights ({name!r} "
-                                 f"differs), so the engines cannot be compared: seed inside make_learner, e.g. "
-                                 f"torch.manual_seed(0) before building the model")
+            raise AssertionError(
+                f"make_learner() built two models with different starting weights ({name!r} "
+                f"differs), so the engines cannot be compared: seed inside make_learner, e.g. "
+                f"torch.manual_seed(0) before building the model"
+            )
     for i, (a, b) in enumerate(zip(n.trace.events, lt.trace.events)):
         if a != b:
-            raise AssertionError(f"the event traces differ at event #{i}: native {a} vs lightning {b} "
-                                 "(event, mode, epoch, batch)")
+            raise AssertionError(
+                f"the event traces differ at event #{i}: native {a} vs lightning {b} (event, mode, epoch, batch)"
+            )
     if len(n.trace.events) != len(lt.trace.events):
         k = min(len(n.trace.events), len(lt.trace.events))
         longer = n if len(n.trace.events) > k else lt
-        raise AssertionError(f"the event traces differ in length ({len(n.trace.events)} native, "
-                             f"{len(lt.trace.events)} lightning): {longer.engine} goes on with "
-                             f"{longer.trace.events[k]}")
+        raise AssertionError(
+            f"the event traces differ in length ({len(n.trace.events)} native, "
+            f"{len(lt.trace.events)} lightning): {longer.engine} goes on with "
+            f"{longer.trace.events[k]}"
+        )
     for (epoch, it, loss_n), (_, _, loss_l) in zip(n.trace.losses, lt.trace.losses):
         if not _same(loss_n, loss_l, atol):
-            raise AssertionError(f"the training loss differs at epoch {epoch}, batch {it}: native {loss_n.tolist()} vs "
-                                 f"lightning {loss_l.tolist()}")
+            raise AssertionError(
+                f"the training loss differs at epoch {epoch}, batch {it}: native {loss_n.tolist()} vs "
+                f"lightning {loss_l.tolist()}"
+            )
     for k, (rows_n, rows_l) in enumerate(zip(n.rows, lt.rows)):
         for row_n, row_l in zip(rows_n, rows_l):
             if row_n.keys() != row_l.keys() or any(
-                    abs(row_n[key] - row_l[key]) > atol if isinstance(row_n[key], float) else row_n[key] != row_l[key]
-                    for key in row_n):
-                raise AssertionError(f"MetricsS #{k} rows differ at epoch {row_n['epoch']} ({row_n['mode']}): "
-                                     f"native {row_n} vs lightning {row_l}")
+                abs(row_n[key] - row_l[key]) > atol if isinstance(row_n[key], float) else row_n[key] != row_l[key]
+                for key in row_n
+            ):
+                raise AssertionError(
+                    f"MetricsS #{k} rows differ at epoch {row_n['epoch']} ({row_n['mode']}): "
+                    f"native {row_n} vs lightning {row_l}"
+                )
         if len(rows_n) != len(rows_l):
             raise AssertionError(f"MetricsS #{k} has {len(rows_n)} rows natively, {len(rows_l)} under lightning")
     weights_n, weights_l = n.learn.model.state_dict(), lt.learn.model.state_dict()
@@ -116,9 +149,16 @@ def _compare(n: EngineRun, lt: EngineRun, atol: float) -> None:
         raise AssertionError(f"global_step differs: native {n.learn.global_step} vs lightning {lt.learn.global_step}")
 
 
-def assert_engines_agree(make_learner: Callable[[], Learner], epochs: int = 2, *, seed: int = 0,
-                         fit: Callable[..., Any] | None = None, lightning_kwargs: dict[str, Any] | None = None,
-                         atol: float = 0.0, **fit_kwargs: Any) -> tuple[EngineRun, EngineRun]:
+def assert_engines_agree(
+    make_learner: Callable[[], Learner],
+    epochs: int = 2,
+    *,
+    seed: int = 0,
+    fit: Callable[..., Any] | None = None,
+    lightning_kwargs: dict[str, Any] | None = None,
+    atol: float = 0.0,
+    **fit_kwargs: Any,
+) -> tuple[EngineRun, EngineRun]:
     """Fit a learner natively and under Lightning from the same seed and check they agree.
 
     `make_learner()` is called once per engine and must build a fresh learner (model, loaders,

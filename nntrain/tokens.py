@@ -33,7 +33,7 @@ def pad_rows(rows: Sequence[Sequence[int]], pad: int, length: int | None = None)
     length = max(map(len, rows), default=0) if length is None else length
     out = torch.full((len(rows), length), pad, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
 
 
@@ -49,8 +49,9 @@ class PaddedTokenDataset(Dataset):
         pads: per column, the padding value.
     """
 
-    def __init__(self, values: dict[str, torch.Tensor], offsets: torch.Tensor, y: torch.Tensor,
-                 pads: Mapping[str, int]) -> None:
+    def __init__(
+        self, values: dict[str, torch.Tensor], offsets: torch.Tensor, y: torch.Tensor, pads: Mapping[str, int]
+    ) -> None:
         if len(offsets) != len(y) + 1:
             raise ValueError(f"offsets must have one entry per row plus one ({len(y) + 1}), got {len(offsets)}")
         self.values, self.offsets, self.y, self.pads = values, offsets, y, dict(pads)
@@ -81,12 +82,13 @@ def _flat(column: Any) -> tuple[torch.Tensor, torch.Tensor]:
     column = column.combine_chunks() if hasattr(column, "combine_chunks") else column  # a ChunkedArray
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    values = values[offsets[0]:offsets[-1]]  # a sliced column's values may start before its first row
+    values = values[offsets[0] : offsets[-1]]  # a sliced column's values may start before its first row
     return torch.from_numpy(values), torch.from_numpy(offsets - offsets[0])
 
 
-def token_dataset(ds: Any, cols: Sequence[str], y_col: str, split: str, padding: TokenPadding = "batch",
-                  pad_token_id: int = 0) -> Dataset:
+def token_dataset(
+    ds: Any, cols: Sequence[str], y_col: str, split: str, padding: TokenPadding = "batch", pad_token_id: int = 0
+) -> Dataset:
     """The token columns of split `ds` and its labels as a dataset of mapping batches: a
     `TensorDictDataset` when every row has one length (or `padding="longest"`), else a
     `PaddedTokenDataset` that pads each batch to its longest row.
@@ -101,12 +103,15 @@ def token_dataset(ds: Any, cols: Sequence[str], y_col: str, split: str, padding:
     offsets = flat[cols[0]][1]
     for col in cols[1:]:
         if not torch.equal(flat[col][1], offsets):
-            raise ValueError(f"columns {cols[0]!r} and {col!r} of split {split!r} have rows of different lengths: "
-                             f"tokenize them together")
+            raise ValueError(
+                f"columns {cols[0]!r} and {col!r} of split {split!r} have rows of different lengths: "
+                f"tokenize them together"
+            )
     labels = torch.from_numpy(table.column(y_col).to_numpy().astype(np.int64))
     lengths = offsets[1:] - offsets[:-1]
-    padded = PaddedTokenDataset({col: v for col, (v, _) in flat.items()}, offsets, labels,
-                                pad_values(cols, pad_token_id))
+    padded = PaddedTokenDataset(
+        {col: v for col, (v, _) in flat.items()}, offsets, labels, pad_values(cols, pad_token_id)
+    )
     if padding == "longest" or len(lengths) == 0 or bool((lengths == lengths[0]).all()):  # dense, as before
         every = padded.__getitems__(range(len(labels)))
         return TensorDictDataset({col: every[col] for col in cols}, labels)

@@ -38,15 +38,22 @@ def _per_sample(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (x.ndim - 1)))
 
 
-def random_flip(x: torch.Tensor, p: float = 0.5, dim: int = -1, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def random_flip(
+    x: torch.Tensor, p: float = 0.5, dim: int = -1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Flip each sample of `x` along `dim` (-1: left-right) with probability `p`."""
     flip = torch.rand(len(x), device=x.device, generator=generator) < p
     return torch.where(_per_sample(x, flip), x.flip(dim), x)
 
 
-def random_crop(x: torch.Tensor, size: int | Sequence[int] | None = None, padding: int = 0, fill: float = 0.0,
-                mode: str = "constant", generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(
+    x: torch.Tensor,
+    size: int | Sequence[int] | None = None,
+    padding: int = 0,
+    fill: float = 0.0,
+    mode: str = "constant",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """A random `size` crop of each sample of `x` (N, C, H, W) after padding it by `padding` on
     every side (`mode` "constant" with `fill`, or "reflect"/"replicate"); with `size` None the
     crop keeps the size: each sample is translated by up to `padding` pixels."""
@@ -73,8 +80,9 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean.view(shape)) / std.view(shape)
 
 
-def cutout(x: torch.Tensor, size: int, p: float = 1.0, fill: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def cutout(
+    x: torch.Tensor, size: int, p: float = 1.0, fill: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Fill a `size` x `size` square at a random centre of each sample with `fill` (with
     probability `p`); the square may hang over the border."""
     n, h, w = len(x), x.shape[-2], x.shape[-1]
@@ -120,8 +128,9 @@ class RandomCrop:
 
     takes_generator = True
 
-    def __init__(self, size: int | Sequence[int] | None = None, padding: int = 0, fill: float = 0.0,
-                 mode: str = "constant") -> None:
+    def __init__(
+        self, size: int | Sequence[int] | None = None, padding: int = 0, fill: float = 0.0, mode: str = "constant"
+    ) -> None:
         self.size, self.padding, self.fill, self.mode = size, padding, fill, mode
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

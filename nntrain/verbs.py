@@ -54,8 +54,16 @@ class LearnerVerbs:
             self.model.train(was_training)
         return out[0] if single else out
 
-    def lr_find(self, start_lr: float = 1e-5, mult: float = 1.25, max_lr: float = 10.0,
-                max_epochs: int = 100, engine: str = "native", trim: bool = True, **trainer_kwargs: Any) -> Any:
+    def lr_find(
+        self,
+        start_lr: float = 1e-5,
+        mult: float = 1.25,
+        max_lr: float = 10.0,
+        max_epochs: int = 100,
+        engine: str = "native",
+        trim: bool = True,
+        **trainer_kwargs: Any,
+    ) -> Any:
         """Run an `LRFindS` search and put the model and optimizer back as they were (see
         `nntrain.subscribers.lr_find.lr_find`).
 
@@ -67,12 +75,27 @@ class LearnerVerbs:
         """
         from nntrain.subscribers.lr_find import lr_find
 
-        return lr_find(self, start_lr=start_lr, mult=mult, max_lr=max_lr, max_epochs=max_epochs, engine=engine,
-                       trim=trim, **trainer_kwargs)
+        return lr_find(
+            self,
+            start_lr=start_lr,
+            mult=mult,
+            max_lr=max_lr,
+            max_epochs=max_epochs,
+            engine=engine,
+            trim=trim,
+            **trainer_kwargs,
+        )
 
-    def fit_one_cycle(self, epochs: int, lr_max: float | slice, pct_start: float = 0.25, div: float = 25.0,
-                      div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-                      **fit_kwargs: Any) -> Any:
+    def fit_one_cycle(
+        self,
+        epochs: int,
+        lr_max: float | slice,
+        pct_start: float = 0.25,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+        **fit_kwargs: Any,
+    ) -> Any:
         """`fit` with fastai's one-cycle schedule (a `SchedulerS` of `OneCycle`, stepped per
         applied optimizer step): the lr rises from `lr_max/div` to `lr_max` over `pct_start` of
         the steps and falls to `lr_max/div_final` (both halves cosine); where the optimizer has a
@@ -95,11 +118,21 @@ class LearnerVerbs:
             else:
                 use_lr(self, lr_max)
 
-        return fit_one_cycle(self, epochs, lr_max, pct_start=pct_start, div=div, div_final=div_final, moms=moms,
-                             **fit_kwargs)
+        return fit_one_cycle(
+            self, epochs, lr_max, pct_start=pct_start, div=div, div_final=div_final, moms=moms, **fit_kwargs
+        )
 
-    def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
-                  pct_start: float = 0.3, div: float = 5.0, train_bn: bool = True, **fit_kwargs: Any) -> Any:
+    def fine_tune(
+        self,
+        epochs: int,
+        base_lr: float = 2e-3,
+        freeze_epochs: int = 1,
+        lr_mult: float = 100,
+        pct_start: float = 0.3,
+        div: float = 5.0,
+        train_bn: bool = True,
+        **fit_kwargs: Any,
+    ) -> Any:
         """fastai's `fine_tune`: train the head alone, then the whole model with discriminative lrs.
 
         `freeze()`, `fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)`, then
@@ -115,8 +148,7 @@ class LearnerVerbs:
             self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **fit_kwargs)
         base_lr /= 2
         self.unfreeze()
-        return self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div,
-                                  **fit_kwargs)
+        return self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **fit_kwargs)
 
     def freeze_to(self, n: int, train_bn: bool = True, splitter: Any = None) -> None:
         """Freeze the first `n` parameter groups (negative: all but the last `-n`) and unfreeze the

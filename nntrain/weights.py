@@ -19,13 +19,19 @@ __all__ = ["WEIGHTS_FORMAT", "save_weights", "load_weights"]
 WEIGHTS_FORMAT = "nntrain-weights-1"
 """The `format` entry of a file written by `save_weights` (`Learner.save`, `SaveBestS`)."""
 
+
 def save_weights(learn: Any, path: str | os.PathLike, with_opt: bool = True, **extra: Any) -> Path:
     """Write `learn.model`'s state dict (and the optimizer's, with `with_opt`) to `path`
     atomically, with `extra` entries (a score, an epoch); returns the path."""
     opt = learn.opt
-    state = {"format": WEIGHTS_FORMAT, "model": learn.model.state_dict(),
-             "optimizer": opt.state_dict() if with_opt and hasattr(opt, "state_dict") else None, **extra}
+    state = {
+        "format": WEIGHTS_FORMAT,
+        "model": learn.model.state_dict(),
+        "optimizer": opt.state_dict() if with_opt and hasattr(opt, "state_dict") else None,
+        **extra,
+    }
     return save_checkpoint(state, path)
+
 
 def load_weights(learn: Any, path: str | os.PathLike, with_opt: bool = True, strict: bool = True) -> dict[str, Any]:
     """Load a `save_weights` file (or a native checkpoint's weights) into `learn`: the model on
@@ -47,8 +53,11 @@ def load_weights(learn: Any, path: str | os.PathLike, with_opt: bool = True, str
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be loaded (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
-        hint = " (a Lightning checkpoint: resume with fit(resume=...))" if isinstance(state, dict) and \
-            "state_dict" in state else ""
+        hint = (
+            " (a Lightning checkpoint: resume with fit(resume=...))"
+            if isinstance(state, dict) and "state_dict" in state
+            else ""
+        )
         raise CheckpointError(f"{path} holds no model weights (no 'model' entry){hint}: write it with learn.save")
     if strict:
         check_model(learn, path, state["model"])
@@ -70,11 +79,15 @@ def _check_partial(model: torch.nn.Module, path: Path, saved: dict[str, Any]) ->
     own = model.state_dict()
     common = [k for k in saved if k in own]
     if not common:
-        raise CheckpointError(f"{path} has no weight whose name matches this model's (it has "
-                              f"{', '.join(list(saved)[:3])}, ...; the model {', '.join(list(own)[:3])}, ...): "
-                              f"nothing would be loaded")
+        raise CheckpointError(
+            f"{path} has no weight whose name matches this model's (it has "
+            f"{', '.join(list(saved)[:3])}, ...; the model {', '.join(list(own)[:3])}, ...): "
+            f"nothing would be loaded"
+        )
     for k in common:
         if tuple(saved[k].shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{path}: {k!r} has shape {tuple(saved[k].shape)} there and "
-                                  f"{tuple(own[k].shape)} in this model; strict=False skips missing names, "
-                                  f"not other shapes")
+            raise CheckpointError(
+                f"{path}: {k!r} has shape {tuple(saved[k].shape)} there and "
+                f"{tuple(own[k].shape)} in this model; strict=False skips missing names, "
+                f"not other shapes"
+            )

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 import nntrain.image_cache as image_cache
-from nntrain.data import DataLoaders, ImageArrayDataset, DiskArray
+from nntrain.data import DataLoaders, DiskArray, ImageArrayDataset
 from nntrain.images import ImageSpec
 
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})

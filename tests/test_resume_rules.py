@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from nntrain.adapters import to_lightning, trainer_defaults
 
 from nntrain import (
     CheckpointError,
@@ -22,6 +21,7 @@ from nntrain import (
     MixedPrecisionS,
     SchedulerS,
 )
+from nntrain.adapters import to_lightning, trainer_defaults
 from nntrain.testing import assert_engines_agree
 from tests.helpers import tiny_dls, tiny_model
 
@@ -198,9 +198,9 @@ def test_a_resume_without_a_subscriber_whose_state_shapes_the_run_is_refused(tmp
 
 
 def test_a_failed_best_weights_write_stops_the_fit_after_the_epoch_is_checkpointed(tmp_path, monkeypatch):
+    import nntrain.weights as weights
     from nntrain import SaveBestS
     from nntrain.checkpoint import CheckpointError as Error
-    import nntrain.weights as weights
 
     best = tmp_path / "best.pt"
     stale = tmp_path / f".best.pt.{2 ** 22 + 7}.abcdef.tmp"  # left by a killed run (no such pid)

@@ -25,6 +25,7 @@ from nntrain.rng import rng_state
 
 __all__ = ["CheckpointS", "NonFiniteWeightsError"]
 
+
 class NonFiniteWeightsError(FloatingPointError):
     """The model's weights hold NaN or inf: no checkpoint is written over the last good one."""
 
@@ -83,8 +84,14 @@ class CheckpointS(Subscriber):
     one_rank_cancels = False  # never cancels
     engines = ("native", "lightning")
 
-    def __init__(self, dir: str | os.PathLike, every_epochs: int | None = 1, every_batches: int | None = None,
-                 keep: int = 3, save_on_interrupt: bool = True) -> None:
+    def __init__(
+        self,
+        dir: str | os.PathLike,
+        every_epochs: int | None = 1,
+        every_batches: int | None = None,
+        keep: int = 3,
+        save_on_interrupt: bool = True,
+    ) -> None:
         for name, value in (("every_epochs", every_epochs), ("every_batches", every_batches)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -125,8 +132,10 @@ class CheckpointS(Subscriber):
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ValueError(f"CheckpointS cannot use {self.dir}: {exc.strerror or exc} (a file in the way, or no "
-                             f"permission): give it a directory it can create") from None
+            raise ValueError(
+                f"CheckpointS cannot use {self.dir}: {exc.strerror or exc} (a file in the way, or no "
+                f"permission): give it a directory it can create"
+            ) from None
         if not os.access(self.dir, os.W_OK | os.X_OK):
             raise ValueError(f"CheckpointS cannot write in {self.dir} (no permission): give it a writable directory")
         if learn.engine.rank != 0:
@@ -149,8 +158,10 @@ class CheckpointS(Subscriber):
         self._interrupt = self._defers = False
         if not (self.save_on_interrupt and learn.engine.saves_on_interrupt):
             return
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
             return
 
         def hold(signum: int, frame: Any) -> None:
@@ -172,8 +183,12 @@ class CheckpointS(Subscriber):
                 self.save(learn, at, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
         except Exception as err:  # the interrupt goes on; the failed save is reported, not raised
             self._boundary, self._saved_here = None, True  # said here: nothing more to try or warn about
-            warnings.warn(f"interrupted: the interrupt checkpoint could not be written ({err}); the newest is "
-                          f"{self.saved[-1] if self.saved else 'none from this fit'}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"interrupted: the interrupt checkpoint could not be written ({err}); the newest is "
+                f"{self.saved[-1] if self.saved else 'none from this fit'}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         raise KeyboardInterrupt
 
     def _undefer_ctrl_c(self) -> None:
@@ -196,7 +211,8 @@ class CheckpointS(Subscriber):
             raise ValueError(
                 f"{self.dir} holds checkpoints of another run ({len(foreign)} files, newest {foreign[-1].name}): "
                 f"continue that run with fit(..., resume='last'), give CheckpointS an empty directory, or "
-                f"delete those files")
+                f"delete those files"
+            )
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -229,13 +245,21 @@ class CheckpointS(Subscriber):
                 self._save_at_epoch_end = True
             else:
                 self.save(learn, learn.iter)
-        elif self.save_on_interrupt and engine.saves_on_interrupt and (
-                not self._defers or learn.n_batches is None or learn.iter + 1 >= learn.n_batches):
+        elif (
+            self.save_on_interrupt
+            and engine.saves_on_interrupt
+            and (not self._defers or learn.n_batches is None or learn.iter + 1 >= learn.n_batches)
+        ):
             # what an interrupt before the next batch saves: taken now, because the cleanups that
             # run before cleanup_fit (MetricsS drops its buffer) change subscriber state. A held
             # Ctrl-C needs it only for the pass's last batch (an interrupt during validation).
-            self._boundary = (learn.epoch, learn.iter, rng_state(), subscriber_states(learn.dispatch.subs),
-                              self._epoch_rng)
+            self._boundary = (
+                learn.epoch,
+                learn.iter,
+                rng_state(),
+                subscriber_states(learn.dispatch.subs),
+                self._epoch_rng,
+            )
         if self._interrupt:
             self._stop_for_interrupt(learn, now=True, iter_=learn.iter)
 
@@ -271,25 +295,41 @@ class CheckpointS(Subscriber):
                 try:
                     self.save(learn, iter_, epoch=epoch, rng=rng, subs=subs, epoch_rng=epoch_rng)
                 except Exception as err:  # the interrupt goes on; the failed save is reported, not raised
-                    warnings.warn(f"interrupted: the interrupt checkpoint could not be written ({err}); the newest "
-                                  f"is {self.saved[-1] if self.saved else 'none from this fit'}",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"interrupted: the interrupt checkpoint could not be written ({err}); the newest "
+                        f"is {self.saved[-1] if self.saved else 'none from this fit'}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             elif not self._saved_here:
                 plan = learn.resume_plan
                 if plan is not None and learn.global_step == plan.global_step:  # nothing trained since
-                    warnings.warn(f"interrupted before this fit trained a batch: the checkpoint it resumed from "
-                                  f"holds the current state ({plan.path}); resume from it again",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"interrupted before this fit trained a batch: the checkpoint it resumed from "
+                        f"holds the current state ({plan.path}); resume from it again",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     return
                 newest = self.saved[-1] if self.saved else "none from this fit"
-                warnings.warn(f"interrupted inside a training batch (or before the first): no checkpoint "
-                              f"written; the newest is {newest}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"interrupted inside a training batch (or before the first): no checkpoint "
+                    f"written; the newest is {newest}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     # ----- saving --------------------------------------------------------------------------------
 
-    def save(self, learn: Any, iter_: int | None, epoch: int | None = None, rng: dict | None = None,
-             subs: dict | None = None, epoch_rng: dict | None = None) -> Path:
+    def save(
+        self,
+        learn: Any,
+        iter_: int | None,
+        epoch: int | None = None,
+        rng: dict | None = None,
+        subs: dict | None = None,
+        epoch_rng: dict | None = None,
+    ) -> Path:
         """Write a checkpoint for the position (`learn.epoch`, last trained batch `iter_`, or the
         epoch's end when None) and prune to `keep` files.
 
@@ -299,12 +339,16 @@ class CheckpointS(Subscriber):
         epoch = learn.epoch if epoch is None else epoch
         tensors = [t for t in learn.model.state_dict().values() if t.is_floating_point()]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            bad = [k for k, t in learn.model.state_dict().items() if t.is_floating_point() and
-                   not bool(torch.isfinite(t).all())]
+            bad = [
+                k
+                for k, t in learn.model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())
+            ]
             raise NonFiniteWeightsError(
                 f"the weights hold NaN or inf at epoch {epoch}, step {learn.global_step} (in {', '.join(bad[:5])}): "
                 f"no checkpoint written; the last good one is "
-                f"{self.saved[-1] if self.saved else 'none from this fit'}")
+                f"{self.saved[-1] if self.saved else 'none from this fit'}"
+            )
         state = capture(learn, epoch, iter_, rng, subs, epoch_rng if epoch_rng is not None else self._epoch_rng)
         stem = self.dir / checkpoint_name(learn.global_step, epoch, iter_, suffix="")
         with sigint_deferred():  # a Ctrl-C now lands after the file is in place and recorded
@@ -312,9 +356,9 @@ class CheckpointS(Subscriber):
             self._boundary, self._saved_here = None, True  # only once the file is in place
             self.saved = [p for p in self.saved if p != path] + [path]
             if learn.engine.rank == 0 and len(self.saved) > self.keep:
-                for gone in self.saved[:-self.keep]:
+                for gone in self.saved[: -self.keep]:
                     gone.unlink(missing_ok=True)
-                self.saved = self.saved[-self.keep:]
+                self.saved = self.saved[-self.keep :]
         return path
 
     def state_dict(self) -> dict[str, Any]:
@@ -324,4 +368,3 @@ class CheckpointS(Subscriber):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict`."""
         self._epoch_rng = state["epoch_rng"]
-

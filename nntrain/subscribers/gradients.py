@@ -34,8 +34,11 @@ class GradClipS(Subscriber):
         limit = cast(float, max_norm if max_norm is not None else max_value)  # exactly one is given
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
             raise ValueError(f"the clipping limit must be a positive number, got {limit!r}")
-        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or \
-                not (norm_type > 0 or norm_type == float("inf")):
+        if (
+            isinstance(norm_type, bool)
+            or not isinstance(norm_type, (int, float))
+            or not (norm_type > 0 or norm_type == float("inf"))
+        ):
             raise ValueError(f"norm_type must be a positive number or float('inf') (the max norm), got {norm_type!r}")
         self.max_norm, self.norm_type, self.max_value = max_norm, norm_type, max_value
 

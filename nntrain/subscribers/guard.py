@@ -70,5 +70,7 @@ class NanGuardS(Subscriber):
         self._flags, self._where = [], []
         if not bool(flags.all()):
             epoch, batch = where[int((~flags).nonzero()[0])]
-            raise NonFiniteLossError(f"the training loss is NaN or inf at epoch {epoch}, batch {batch}; "
-                                     f"stopping (no checkpoint is written with these weights)")
+            raise NonFiniteLossError(
+                f"the training loss is NaN or inf at epoch {epoch}, batch {batch}; "
+                f"stopping (no checkpoint is written with these weights)"
+            )

@@ -40,8 +40,19 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: `import nntrai
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["smooth", "steepest", "valley", "suggestion", "SUGGESTIONS", "smooth_centered", "plot_ylim", "plot_lr_find",
-           "LRFindS", "SuggestedLRs", "lr_find"]
+__all__ = [
+    "smooth",
+    "steepest",
+    "valley",
+    "suggestion",
+    "SUGGESTIONS",
+    "smooth_centered",
+    "plot_ylim",
+    "plot_lr_find",
+    "LRFindS",
+    "SuggestedLRs",
+    "lr_find",
+]
 
 
 # ----- plot helpers ------------------------------------------------------------------------------
@@ -79,9 +90,16 @@ def plot_ylim(losses: Sequence[float], margin: float = 0.05) -> tuple[float, flo
     return low - pad, high + pad
 
 
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], ax: Axes | None = None, suggest: bool = True,
-                 method: str | Sequence[str] = "valley", beta: float = 0.98, smooth_beta: float = 0.6,
-                 trim: bool = True) -> Figure:
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    ax: Axes | None = None,
+    suggest: bool = True,
+    method: str | Sequence[str] = "valley",
+    beta: float = 0.98,
+    smooth_beta: float = 0.6,
+    trim: bool = True,
+) -> Figure:
     """Plot loss against lr (log scale), raw and smoothed, with the suggestion(s) marked.
 
     The y-range runs from the lowest loss to the highest loss before it (the start of the
@@ -206,8 +224,15 @@ class LRFindS(Subscriber):
         """A learning rate picked from the record; see `nntrain.lr_suggest.suggestion`."""
         return suggestion(self.lrs, self.losses, method, beta, trim)
 
-    def plot(self, ax: Axes | None = None, suggest: bool = True, method: str | Sequence[str] = "valley",
-             beta: float = 0.98, smooth_beta: float = 0.6, trim: bool = True) -> Figure:
+    def plot(
+        self,
+        ax: Axes | None = None,
+        suggest: bool = True,
+        method: str | Sequence[str] = "valley",
+        beta: float = 0.98,
+        smooth_beta: float = 0.6,
+        trim: bool = True,
+    ) -> Figure:
         """Plot the record; see `plot_lr_find` (which this calls with `self.lrs`, `self.losses`)."""
         return plot_lr_find(self.lrs, self.losses, ax, suggest, method, beta, smooth_beta, trim)
 
@@ -260,17 +285,24 @@ class SuggestedLRs:
         Raises:
             ValueError: an unknown method, or too short a curve.
         """
-        return suggestion(self.lrs, self.losses, method, self.beta if beta is None else beta,
-                          self.trim if trim is None else trim)
+        return suggestion(
+            self.lrs, self.losses, method, self.beta if beta is None else beta, self.trim if trim is None else trim
+        )
 
-    def plot(self, ax: Axes | None = None, suggest: bool = True, method: str | Sequence[str] = METHODS,
-             smooth_beta: float = 0.6) -> Figure:
+    def plot(
+        self,
+        ax: Axes | None = None,
+        suggest: bool = True,
+        method: str | Sequence[str] = METHODS,
+        smooth_beta: float = 0.6,
+    ) -> Figure:
         """The curve with the suggestions marked (every method by default); see `plot_lr_find`."""
         return plot_lr_find(self.lrs, self.losses, ax, suggest, method, self.beta, smooth_beta, self.trim)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={'None' if lr is None else format(lr, '.3g')}"
-                          for name, lr in self.suggestions.items())
+        shown = ", ".join(
+            f"{name}={'None' if lr is None else format(lr, '.3g')}" for name, lr in self.suggestions.items()
+        )
         short = "" if self.valley is not None else f", too few points ({len(self.losses)} recorded)"
         return f"SuggestedLRs({shown}{short})"
 

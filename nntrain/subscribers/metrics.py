@@ -76,8 +76,9 @@ class MetricsS(Subscriber):
 
     def before_fit(self, learn: Any) -> None:
         """Note whether another subscriber shows the rows (then `output` prints none)."""
-        self._shown = any(declared(sub, "shows_rows") for sub in learn.subs) or \
-            bool(getattr(learn.engine, "shows_progress", False))  # a Lightning progress bar shows the values
+        self._shown = any(declared(sub, "shows_rows") for sub in learn.subs) or bool(
+            getattr(learn.engine, "shows_progress", False)
+        )  # a Lightning progress bar shows the values
 
     def logged_names(self, learn: Any) -> list[str]:
         """The names this subscriber logs in `learn`'s fit (`train/loss`, `valid/<metric>`...)."""
@@ -116,8 +117,13 @@ class MetricsS(Subscriber):
         row: Row = {"epoch": learn.epoch, "mode": mode}
         row.update(self.acc.compute())
         self.history.append(row)
-        learn.log({f"{mode}/{name}": float(value) for name, value in row.items()
-                   if name not in ("epoch", "mode") and isinstance(value, (int, float))})
+        learn.log(
+            {
+                f"{mode}/{name}": float(value)
+                for name, value in row.items()
+                if name not in ("epoch", "mode") and isinstance(value, (int, float))
+            }
+        )
         self.output(row)
 
     def cleanup_epoch(self, learn: Any) -> None:

@@ -43,13 +43,23 @@ class MixedPrecisionS(Subscriber):
     role = "mixed precision"
     needed_on_resume = True  # its scaler state and autocast shape the run
 
-    def __init__(self, dtype: torch.dtype = torch.float16, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float16,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
         self.dtype = dtype
-        self.scaler_args: dict[str, Any] = dict(init_scale=init_scale, growth_factor=growth_factor,
-                                                backoff_factor=backoff_factor, growth_interval=growth_interval)
+        self.scaler_args: dict[str, Any] = dict(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+        )
         self.scaler: Any = None
         self._scaling: GradScaling | None = None
         self._autocast: Any = None
@@ -60,8 +70,10 @@ class MixedPrecisionS(Subscriber):
         """Make the autocast context and, for float16, the scaler the learner's step goes through."""
         precision = getattr(learn.engine, "precision", None)
         if precision is not None or learn.grad_scaling is not None:
-            raise ValueError(f"the engine already runs precision {precision!r}: use either MixedPrecisionS or "
-                             f"the Trainer's precision= (they give the same numbers), not both")
+            raise ValueError(
+                f"the engine already runs precision {precision!r}: use either MixedPrecisionS or "
+                f"the Trainer's precision= (they give the same numbers), not both"
+            )
         device = model_device(learn.model)
         if not torch.amp.is_autocast_available(device.type):
             raise ValueError(f"autocast is not available on {device.type}: train there without MixedPrecisionS")

@@ -142,7 +142,7 @@ class ProgressS(Subscriber):
         """Show the pass's logged values as a row (`learn.logs`), and count the epoch as done
         after its last pass."""
         prefix = f"{learn.mode}/"
-        values = {name[len(prefix):]: value for name, value in learn.logs.items() if name.startswith(prefix)}
+        values = {name[len(prefix) :]: value for name, value in learn.logs.items() if name.startswith(prefix)}
         if values:
             self.write_row({"epoch": learn.epoch, "mode": learn.mode, **values})
         if learn.mode != "train" or not getattr(learn, "fit_valid", True):
@@ -190,8 +190,11 @@ class ProgressS(Subscriber):
         """
         if ax is None:
             ax = notebook_figure((6, 4)).add_subplot()
-            parts = [f"{name} {losses[-1]:.4f}" for name, losses in
-                     (("train", self.train_losses), ("valid", self.valid_losses)) if losses]
+            parts = [
+                f"{name} {losses[-1]:.4f}"
+                for name, losses in (("train", self.train_losses), ("valid", self.valid_losses))
+                if losses
+            ]
             ax.figure.set_label(f"loss curves: {', '.join(parts) or 'no losses yet'}")
         if self.train_losses:
             ax.plot(self.train_steps, self.train_losses, label="train")

@@ -52,8 +52,9 @@ class SchedulerS(Subscriber):
     one_rank_cancels = False  # never cancels
     needed_on_resume = True  # its state shapes the rest of the run
 
-    def __init__(self, make_sched: Callable[[Any], Any], interval: str | None = None,
-                 monitor: str = "valid/loss") -> None:
+    def __init__(
+        self, make_sched: Callable[[Any], Any], interval: str | None = None, monitor: str = "valid/loss"
+    ) -> None:
         if interval not in (None, "batch", "epoch"):
             raise ValueError(f"interval must be 'batch' or 'epoch', got {interval!r}")
         if not callable(make_sched):
@@ -71,8 +72,10 @@ class SchedulerS(Subscriber):
         """Build the scheduler on the learner's optimizer."""
         opt = learn.opt
         if not hasattr(opt, "param_groups"):
-            raise TypeError(f"SchedulerS needs a torch.optim optimizer (with param_groups); the learner's is "
-                            f"{type(opt).__name__}: pass a torch.optim class as optim_class")
+            raise TypeError(
+                f"SchedulerS needs a torch.optim optimizer (with param_groups); the learner's is "
+                f"{type(opt).__name__}: pass a torch.optim class as optim_class"
+            )
         for group in opt.param_groups:  # else a scheduler of a second fit starts from the first fit's lr
             group.pop("initial_lr", None)
         # the lrs this fit asked for (lr=, a slice spread over the groups), before a scheduler moves them
@@ -80,14 +83,18 @@ class SchedulerS(Subscriber):
         sched = self.make_sched(opt)
         if isinstance(sched, torch.optim.Optimizer) or not callable(getattr(sched, "step", None)):
             what = "the optimizer itself" if sched is opt else type(sched).__name__
-            raise TypeError(f"make_sched returned {what}, not a scheduler: return one made on the optimizer "
-                            f"it is given, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)")
+            raise TypeError(
+                f"make_sched returned {what}, not a scheduler: return one made on the optimizer "
+                f"it is given, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)"
+            )
         self.sched = sched
         self.on_metric = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if self.on_metric:
             if self.asked_interval == "batch":
-                raise ValueError(f"{type(sched).__name__} steps on a metric once an epoch has ended: "
-                                 f"use SchedulerS(make_sched, monitor=...) without interval='batch'")
+                raise ValueError(
+                    f"{type(sched).__name__} steps on a metric once an epoch has ended: "
+                    f"use SchedulerS(make_sched, monitor=...) without interval='batch'"
+                )
             check_monitored(learn, self.monitor, "SchedulerS")
         self.interval = "epoch" if self.on_metric else (self.asked_interval or "batch")
         self.lrs, self.moms = [], []
@@ -155,9 +162,11 @@ class SchedulerS(Subscriber):
         saved = state["sched"].get("base_lrs") if isinstance(state["sched"], dict) else None
         if self._fit_lrs is not None and saved and list(saved) != self._fit_lrs:
             asked, built = _lrs_text(self._fit_lrs), _lrs_text(saved)
-            raise ResumeRefused(f"this fit asks lr={asked}, but the schedule it resumes was built with lr={built} "
-                                f"and sets every step's lr from there: resume without lr= (or with lr={built}), "
-                                f"or start a new run")
+            raise ResumeRefused(
+                f"this fit asks lr={asked}, but the schedule it resumes was built with lr={built} "
+                f"and sets every step's lr from there: resume without lr= (or with lr={built}), "
+                f"or start a new run"
+            )
         self.sched.load_state_dict(state["sched"])
         self.lrs, self.moms = list(state["lrs"]), list(state["moms"])
         last = getattr(self.sched, "get_last_lr", None)
@@ -172,9 +181,16 @@ def _lrs_text(lrs: list[float]) -> str:
     return str(lrs[0]) if len(set(lrs)) == 1 else str(list(lrs))
 
 
-def fit_one_cycle(learn: Any, epochs: int, lr_max: float | slice, pct_start: float = 0.25, div: float = 25.0,
-                  div_final: float = 1e5, moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-                  **fit_kwargs: Any) -> Any:
+def fit_one_cycle(
+    learn: Any,
+    epochs: int,
+    lr_max: float | slice,
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    div_final: float = 1e5,
+    moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+    **fit_kwargs: Any,
+) -> Any:
     """`learn.fit(epochs, **fit_kwargs)` with a `SchedulerS(OneCycle(...))` attached for the fit
     (`Learner.fit_one_cycle`). The cycle spans the fit's optimizer steps: `epochs` times the
     training batches, divided by the accumulation (`GradAccumS`'s or `accumulate_grad_batches`).
@@ -189,11 +205,15 @@ def fit_one_cycle(learn: Any, epochs: int, lr_max: float | slice, pct_start: flo
         raise ValueError(f"epochs must be a positive int, got {epochs!r} (fit_one_cycle(epochs, lr_max))")
     train = learn.dls.train
     if loader_length(train) is None:
-        raise TypeError(f"fit_one_cycle needs a training loader with a length (to know the steps); "
-                        f"{type(train).__name__} has none: use fit with a SchedulerS")
+        raise TypeError(
+            f"fit_one_cycle needs a training loader with a length (to know the steps); "
+            f"{type(train).__name__} has none: use fit with a SchedulerS"
+        )
     subs = list(fit_kwargs.pop("subs", ()))
-    every = max([int(declared(s, "steps_every")) for s in [*learn.subs, *subs]]
-                + [int(fit_kwargs.get("accumulate_grad_batches", 1))])
+    every = max(
+        [int(declared(s, "steps_every")) for s in [*learn.subs, *subs]]
+        + [int(fit_kwargs.get("accumulate_grad_batches", 1))]
+    )
     total = epochs * math.ceil(len(train) / every)
     OneCycle(_Groups(), max(total, 1), lr_max, pct_start, div, div_final, moms)  # check the arguments now
     sched = SchedulerS(lambda opt: OneCycle(opt, total, lr_max, pct_start, div, div_final, moms))

@@ -87,8 +87,14 @@ class EarlyStoppingS(Subscriber):
     one_rank_cancels = False  # cancels from the monitored value, which is global under DDP
     needed_on_resume = True  # its state shapes the rest of the run
 
-    def __init__(self, monitor: str = "valid/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        monitor: str = "valid/loss",
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be a positive int, got {patience!r}")
         self.tracker = Monitor(monitor, mode, min_delta)
@@ -158,8 +164,14 @@ class SaveBestS(Subscriber):
     order = 800  # after MetricsS (0) logged the epoch, before CheckpointS (1000) saves its state
     one_rank_cancels = False  # never cancels
 
-    def __init__(self, path: str | os.PathLike, monitor: str = "valid/accuracy", mode: str = "max",
-                 min_delta: float = 0.0, with_opt: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        monitor: str = "valid/accuracy",
+        mode: str = "max",
+        min_delta: float = 0.0,
+        with_opt: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.tracker = Monitor(monitor, mode, min_delta)
         self.monitor, self.with_opt = monitor, with_opt
@@ -219,8 +231,11 @@ class SaveBestS(Subscriber):
 
     def state_dict(self) -> dict[str, Any]:
         """The best value, its epoch and the file, for checkpoints."""
-        return {"best": self.tracker.best, "epoch": self.best_epoch,
-                "path": None if self.best_path is None else str(self.best_path)}
+        return {
+            "best": self.tracker.best,
+            "epoch": self.best_epoch,
+            "path": None if self.best_path is None else str(self.best_path),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict`."""

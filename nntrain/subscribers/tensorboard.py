@@ -148,7 +148,7 @@ class TensorBoardS(Subscriber):
         prefix = f"{mode}/"
         for name, value in learn.logs.items():
             if name.startswith(prefix) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(epoch_tag(mode, name[len(prefix):]), value, learn.epoch)
+                self._writer.add_scalar(epoch_tag(mode, name[len(prefix) :]), value, learn.epoch)
 
     def cleanup_epoch(self, learn: Any) -> None:
         """Write the epoch's buffered batches (one host copy) and flush the event file."""

@@ -45,8 +45,14 @@ class BatchTransformS(Subscriber):
     order = -5  # after DeviceS (-10): the batch is on its device; before subscribers that read it
     one_rank_cancels = False  # never cancels
 
-    def __init__(self, fn: Callable[..., Any] | Sequence[Callable[..., Any]], train: bool = True,
-                 valid: bool = False, key: str | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any] | Sequence[Callable[..., Any]],
+        train: bool = True,
+        valid: bool = False,
+        key: str | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.fn: Callable[..., Any] = Compose(fn) if isinstance(fn, (list, tuple)) else fn  # type: ignore[assignment]
         if not callable(self.fn):
             raise TypeError(f"fn must be callable (or a list of callables), got {type(fn).__name__}")
@@ -75,8 +81,7 @@ class BatchTransformS(Subscriber):
             if name in self._pending:
                 gen.set_state(self._pending.pop(name))
             else:
-                gen.manual_seed(_mixed_seed(self._base if self._base is not None else torch.initial_seed(),
-                                            self._rank))
+                gen.manual_seed(_mixed_seed(self._base if self._base is not None else torch.initial_seed(), self._rank))
         return gen
 
     def transform(self, x: Any) -> Any:
@@ -103,8 +108,9 @@ class BatchTransformS(Subscriber):
         batch = learn.batch
         if isinstance(batch, Mapping):
             if self.key is None:
-                raise TypeError(f"BatchTransformS got a mapping batch (keys {sorted(batch)}): pass key=<the entry "
-                                f"to transform>")
+                raise TypeError(
+                    f"BatchTransformS got a mapping batch (keys {sorted(batch)}): pass key=<the entry to transform>"
+                )
             learn.batch = {**batch, self.key: self.transform(batch[self.key])}
         elif isinstance(batch, (tuple, list)):
             items = [self.transform(batch[0]), *batch[1:]]

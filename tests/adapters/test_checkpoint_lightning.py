@@ -15,8 +15,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from nntrain.adapters import to_lightning, trainer_defaults
 
+from nntrain.adapters import to_lightning, trainer_defaults
 from nntrain.checkpoint import CheckpointError, list_checkpoints
 from nntrain.checkpoint_state import is_lightning_checkpoint, load_checkpoint
 from nntrain.resume import ResumePlan

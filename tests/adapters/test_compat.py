@@ -22,10 +22,10 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.tuner import Tuner
-from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from torch.utils.data import DataLoader
 from torcheval.metrics import MulticlassAccuracy
 
+from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from nntrain.learner import Learner, MomentumLearner
 from nntrain.subscribers.metrics import MetricsS
 from nntrain.subscribers.tensorboard import TensorBoardS

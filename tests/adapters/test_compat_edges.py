@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.tuner import Tuner
-from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 
+from nntrain.adapters import LearnerModule, to_lightning, trainer_defaults
 from nntrain.checkpoint import list_checkpoints
 from nntrain.learner import Learner
 from nntrain.subscribers.checkpoint import CheckpointS

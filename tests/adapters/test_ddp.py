@@ -295,8 +295,8 @@ def test_a_sharding_strategy_gets_an_optimizer_like_the_learners_over_the_wrappe
     from functools import partial
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-    from nntrain.adapters.module import optimizer_over, shards_parameters
 
+    from nntrain.adapters.module import optimizer_over, shards_parameters
     from tests.helpers import BasicOptim
 
     assert shards_parameters(FSDPStrategy()) and not shards_parameters(DDPStrategy())

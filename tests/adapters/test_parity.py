@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from nntrain.adapters import HOOK_TABLE, LearnerCallback, LearnerModule, to_lightning
 from torch import nn
 
+from nntrain.adapters import HOOK_TABLE, LearnerCallback, LearnerModule, to_lightning
 from nntrain.learner import Learner, MomentumLearner, Subscriber
 from nntrain.testing import assert_engines_agree
 from tests.helpers import Recorder, tiny_dls, tiny_model

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.precision import MixedPrecision
-from nntrain.adapters import to_lightning
 from torcheval.metrics import MulticlassAccuracy
 
 from nntrain import (
@@ -30,6 +29,7 @@ from nntrain import (
     SchedulerS,
     Subscriber,
 )
+from nntrain.adapters import to_lightning
 from nntrain.schedules import one_cycle
 from nntrain.subscribers.stopping import Monitor
 from nntrain.testing import assert_engines_agree
