@@ -124,6 +124,7 @@ class Learner(LearnerVerbs):
         self.fit_lr: LR | None = None  # the `lr=` given to the running fit (None: none given)
         self.finished = False  # a subscriber ended the run early (EarlyStoppingS): checkpoints say so
         self.trainer: Any = None  # the lightning.Trainer of the latest fit(engine="lightning"), else None
+        self.scheduler: Any = None  # the SchedulerS of the latest scheduled fit (it sets itself here)
         self.dispatch.set_subs(self.subs)
 
     # ----- subscribers and dispatch -------------------------------------------------------
@@ -146,8 +147,7 @@ class Learner(LearnerVerbs):
         self.dispatch.set_subs(self.subs)
 
     def placement(self, subs: Sequence[Subscriber] = ()) -> list[Subscriber]:
-        """The `DeviceS` that places model and batches on `self.device` for a fit with `subs`, or
-        none (see `nntrain.devices.default_placement`): the GPU by default, as fastai and Lightning."""
+        """The `DeviceS` placing model and batches on `self.device` for a fit with `subs`, or none."""
         return default_placement(self.model, self.device, [*self.subs, *subs])
 
     def publish(self, event: str) -> None:
@@ -407,7 +407,7 @@ class Learner(LearnerVerbs):
             self.release_graph()
 
     def release_graph(self) -> None:
-        """Let go of the last batch's graph (after a fit or an error): `loss`, `preds` detached, no `loss_grad`."""
+        """Drop the last batch's graph (after a fit or an error): detach `loss`, `preds`; no `loss_grad`."""
         self.loss_grad = None
         if isinstance(self.loss, torch.Tensor):
             self.loss = self.loss.detach()
