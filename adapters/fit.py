@@ -24,6 +24,7 @@ from nntrain.engines import collate_preds
 from nntrain.events import Subscriber, declared, subscriber_engines
 from nntrain.learner import Learner
 from nntrain.logs import make_log_dir
+from nntrain.optim import LR
 from nntrain.resume import ResumePlan
 
 __all__ = ["to_lightning", "LightningRunner", "trainer_defaults", "model_device", "UNSUPPORTED_TRAINER_OPTIONS"]
@@ -185,7 +186,7 @@ class LightningRunner:
         plan: ResumePlan | None,
         train: bool,
         valid: bool,
-        lr: float | None,
+        lr: LR | None,
         options: dict[str, Any],
     ) -> None:
         """Run `trainer.fit` for the epochs left; the Trainer (its `callback_metrics`, `logger` and

@@ -17,7 +17,7 @@ import torch
 from nntrain.checkpoint_state import CHECKPOINT_ENTRY, capture
 from nntrain.checks import check_batch_structure
 from nntrain.learner import Learner
-from nntrain.optim import get_lr, set_lr
+from nntrain.optim import LR, get_lr, set_lr
 from nntrain.resume import ResumePlan
 from nntrain.rng import rng_state
 
@@ -133,7 +133,7 @@ class LearnerModule(L.LightningModule):
         self.train_iter: int | None = None  # last training batch run in the current training pass
         self.pending_state: dict[str, Any] | None = None  # the state CheckpointS is saving
         self.results_path: str | None = None  # set when Lightning runs the fit in processes it starts
-        self.fit_lr: float | None = None  # fit(lr=...): wins over the lr in a resumed optimizer state
+        self.fit_lr: LR | None = None  # fit(lr=...): wins over the lr in a resumed optimizer state
         self.recipe_subs: list[Any] = []  # GradClipS / GradAccumS doing the Trainer's clip / accumulate flags
         self.taken_flags: dict[str, Any] = {}
         self.sharded_opt: torch.optim.Optimizer | None = None  # made over the wrapped parameters (FSDP)

@@ -108,7 +108,6 @@ class Dispatcher:
     def __init__(self, learn: Any) -> None:
         self.learn = learn
         self.handlers = event_handlers(())
-        self.live: frozenset[str] = frozenset()  # the events some handler listens to: the others cost no call
         self.subs: list[Any] = []  # the subscribers dispatched to (`set_subs`)
         self.one_rank_events: frozenset[str] = frozenset()
         self.agree: Callable[[int], int] | None = None
@@ -137,7 +136,6 @@ class Dispatcher:
         subs = list(subs)
         check_roles(subs, origins)
         self.handlers = event_handlers(subs)
-        self.live = frozenset(event for event, handlers in self.handlers.items() if handlers)  # listened to
         self.subs = subs  # what checkpoints save and a resume gives states to (a Trainer flag's recipes too)
         self.one_rank_events = _one_rank_events(self.handlers)
 
@@ -245,12 +243,10 @@ class Dispatcher:
         if self.cancelled is not None:
             return False
         self.open.append(scope)
-        event = _BEFORE[scope]
-        if event in self.live:
-            try:
-                self.publish(event)
-            except CancelException as exc:
-                self._cancel(exc, scope)
+        try:
+            self.publish(_BEFORE[scope])
+        except CancelException as exc:
+            self._cancel(exc, scope)
         return self.cancelled is None
 
     def run(self, scope: str, body: Callable[..., None], *args: Any) -> None:
@@ -273,7 +269,7 @@ class Dispatcher:
         if scope == "epoch" and plan is not None and plan.inside_epoch and self.learn.mode == "train" and not failed:
             self._apply_resume()  # a training pass that ended before any batch past the saved position
         try:
-            if not failed and self.cancelled is None and _AFTER[scope] in self.live:
+            if not failed and self.cancelled is None:
                 try:
                     self.publish(_AFTER[scope])
                 except CancelException as exc:
@@ -290,8 +286,6 @@ class Dispatcher:
         While an error unwinds the scope (`failed`), a cleanup's own error is a warning, so the
         first error is the one raised."""
         event = _CLEANUP[scope]
-        if event not in self.live:
-            return
         pending: CancelException | None = None
         learn = self.learn
         for handler in self.handlers[event]:

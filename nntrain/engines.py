@@ -18,6 +18,7 @@ from nntrain.checkpoint_state import native_checkpoint
 from nntrain.checks import check_batch_structure, loader_length
 from nntrain.devices import model_device, to_device
 from nntrain.events import CancelException, subscriber_engines
+from nntrain.optim import LR
 from nntrain.resume import ResumePlan, resumed_batches
 
 __all__ = ["Engine", "Runner", "NativeEngine", "ENGINES", "register_engine", "resolve_engine", "collate_preds"]
@@ -84,7 +85,7 @@ class Runner(Protocol):
         plan: ResumePlan | None,
         train: bool,
         valid: bool,
-        lr: float | None,
+        lr: LR | None,
         options: dict[str, Any],
     ) -> Any:
         """Run the fit (`Learner.fit` returns None whatever it returns)."""
@@ -171,7 +172,7 @@ class NativeEngine:
         plan: ResumePlan | None,
         train: bool,
         valid: bool,
-        lr: float | None,
+        lr: LR | None,
         options: dict[str, Any],
     ) -> None:
         """The native loop: each epoch a training pass, then a validation pass without grad."""

@@ -141,9 +141,8 @@ class CompiledLearner(Learner):
         if self._compiled_forward is None:
             self._compiled_forward = torch.compile(self._forward, mode=self.compile_mode)
             self._compiled_step = torch.compile(self._opt_step, mode=self.compile_mode)
-        dispatch = self.dispatch
+        publish = self.dispatch.publish
         self.preds, self.loss = self._compiled_forward(self.batch)
-        for event in ("after_predict", "after_loss"):
-            if event in dispatch.live:
-                dispatch.publish(event)
+        publish("after_predict")
+        publish("after_loss")
         self.optimize(self._compiled_step)

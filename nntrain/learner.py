@@ -243,39 +243,30 @@ class Learner(LearnerVerbs):
         self.opt.zero_grad()
 
     def run_step(self) -> None:
-        """The body of a batch, with its inner events (those a handler listens to); every engine
-        calls this."""
-        dispatch = self.dispatch
-        live = dispatch.live
+        """The body of a batch, with its inner events; every engine calls this."""
+        publish = self.dispatch.publish
         self.predict()
-        if "after_predict" in live:
-            dispatch.publish("after_predict")
+        publish("after_predict")
         self.get_loss()
-        if "after_loss" in live:
-            dispatch.publish("after_loss")
+        publish("after_loss")
         if self.model.training:
             self.optimize(self.step)
 
     def optimize(self, step: Callable[[], None]) -> None:
         """The training half of a batch: `before_backward`, `backward`, `after_backward`,
         `before_step`, `step()` (a `CancelStepException` skips the rest), `after_step`, `zero_grad`."""
-        dispatch = self.dispatch
-        live = dispatch.live
+        publish = self.dispatch.publish
         self.loss_grad = self.loss
-        if "before_backward" in live:
-            dispatch.publish("before_backward")
+        publish("before_backward")
         self.backward()
-        if "after_backward" in live:
-            dispatch.publish("after_backward")
+        publish("after_backward")
         try:
-            if "before_step" in live:
-                dispatch.publish("before_step")
+            publish("before_step")
             step()
         except CancelStepException:
             return
         self.global_step += 1
-        if "after_step" in live:
-            dispatch.publish("after_step")
+        publish("after_step")
         self.zero_grad()
 
     # ----- the envelope: fit, evaluate, get_preds ---------------------------------------------
